@@ -11,6 +11,7 @@ split, what was skipped and why).
 import argparse
 import array
 import bisect
+import contextlib
 import csv
 import hashlib
 import io
@@ -835,7 +836,8 @@ def describe(path, fmt=None):
         fmt = fmt or detect_format(path)
     except (OSError, ValueError) as error:
         try:
-            return dict(path=path, format='unlabeled', images=len(scan_images(path)))
+            with contextlib.redirect_stdout(sys.stderr):  # indexing a folder pool reports on stdout: keep --json clean
+                return dict(path=path, format='unlabeled', images=len(open_pool(path)))
         except (OSError, ValueError):
             return dict(path=path, error=str(error))
     splits = {}

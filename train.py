@@ -36,6 +36,7 @@ from model import ARCHS, build_model
 # configuration: argparse and a dict, nothing more
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--data', help='labeled set root (default: the built-in faces, generated into data/faces)')
+parser.add_argument('--format', choices=data.FORMATS, help='format of --data (default: detected; see data.py)')
 parser.add_argument('--unlabeled', nargs='*', help='unlabeled image folders (default: the built-in pool)')
 parser.add_argument('--arch', default='resnet18', choices=ARCHS)
 parser.add_argument('--weights', help='local backbone state dict to start from (fc is replaced)')
@@ -100,8 +101,8 @@ semi = args.threshold != 'none'
 if semi and not args.unlabeled:
     sys.exit(f'--threshold {args.threshold} needs --unlabeled images (or use --threshold none)')
 augment = data.Augment(args.img_size)
-train_set = data.load_labeled(args.data, 'train')
-val_set = data.load_labeled(args.data, 'val')
+train_set = data.load_labeled(args.data, 'train', args.format)
+val_set = data.load_labeled(args.data, 'val', args.format)
 if val_set.classes != train_set.classes:
     sys.exit(f'validation classes {val_set.classes} differ from training classes {train_set.classes}')
 classes, num_classes = train_set.classes, len(train_set.classes)
