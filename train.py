@@ -70,8 +70,12 @@ OPERATIONAL = ('resume', 'out', 'steps', 'workers', 'eval_every', 'save_every', 
 # resume, devices, distributed
 if args.resume:
     path = os.path.join(args.out, 'last.pt') if args.resume == 'last' else args.resume
+    if not os.path.isfile(path):
+        sys.exit(f'--resume: no checkpoint {path}')
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)  # a checkpoint is data, never code
     vars(args).update({k: v for k, v in checkpoint['config'].items() if k not in OPERATIONAL})
+    if checkpoint['step'] >= args.steps:
+        sys.exit(f'{path} is at step {checkpoint["step"]}: pass --steps above it to train on')
 ddp = 'RANK' in os.environ  # set by torchrun
 if ddp:
     dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
@@ -94,6 +98,10 @@ random.seed(args.seed)
 # -----------------------------------------------------------------------------
 # data
 if args.data is None:
+    if master:
+        data.default_data()  # generated once, by rank 0, while the other ranks wait
+    if ddp:
+        dist.barrier()
     args.data = data.default_data()
     if args.unlabeled is None:
         args.unlabeled = [os.path.join(args.data, 'unlabeled')]
@@ -121,7 +129,7 @@ if semi:
 
 # -----------------------------------------------------------------------------
 # model, EMA model, optimizer, schedule, threshold policy
-model = build_model(args.arch, num_classes, args.weights).to(device)
+model = build_model(args.arch, num_classes, None if args.resume else args.weights).to(device)  # resume: in checkpoint
 if cuda:
     model = model.to(memory_format=torch.channels_last)
 ema_model = copy.deepcopy(model).requires_grad_(False)
@@ -136,17 +144,16 @@ threshold = {'dtm': lambda: DynamicThreshold(num_classes, args.dtm_momentum, arg
              'flexmatch': lambda: FlexMatchThreshold(num_classes, len(pool), args.tau),
              'freematch': lambda: FreeMatchThreshold(num_classes, args.dtm_momentum),
              'none': lambda: FixedThreshold(num_classes, 1.0)}[args.threshold]().to(device)
-best_f1 = -1.0
+best_f1, best_metrics = -1.0, None
 if args.resume:
     model.load_state_dict(checkpoint['model'])
     ema_model.load_state_dict(checkpoint['ema_model'])
     optimizer.load_state_dict(checkpoint['optimizer'])
     scheduler.load_state_dict(checkpoint['scheduler'])
-    scaler.load_state_dict(checkpoint['scaler'])
+    if checkpoint['scaler']:  # empty when saved without fp16 (CPU, bf16)
+        scaler.load_state_dict(checkpoint['scaler'])
     threshold.load_state_dict(checkpoint['threshold'])
-    best_f1 = checkpoint['best_f1']
-    torch.set_rng_state(checkpoint['rng']['torch'])
-    random.setstate(checkpoint['rng']['python'])
+    best_f1, best_metrics = checkpoint['best_f1'], checkpoint['best_metrics']
 raw_model = model
 if args.compile:
     model = torch.compile(model)
@@ -175,7 +182,8 @@ def sync_buffers():
 
 # -----------------------------------------------------------------------------
 # logging and checkpoints (rank 0 only)
-versions = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+# plain str: torch.__version__ is a TorchVersion object, which torch.load(weights_only=True) refuses to unpickle
+versions = dict(python=platform.python_version(), torch=str(torch.__version__), torchvision=torchvision.__version__,
                 pillow=PIL.__version__, cuda=torch.version.cuda, device=torch.cuda.get_device_name() if cuda else 'cpu',
                 world_size=world)
 config = {k: v for k, v in vars(args).items()}
@@ -195,10 +203,13 @@ def save(name):
     if not master:
         return
     path = os.path.join(args.out, name)
-    torch.save(dict(model=raw_model.state_dict(), ema_model=ema_model.state_dict(), optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), threshold=threshold.state_dict(),
-                    step=step, best_f1=best_f1, config=config, classes=classes, versions=versions,
-                    rng=dict(torch=torch.get_rng_state(), python=random.getstate())), path + '.tmp')
+    with open(path + '.tmp', 'wb') as f:
+        torch.save(dict(model=raw_model.state_dict(), ema_model=ema_model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), threshold=threshold.state_dict(),
+                        step=step, best_f1=best_f1, best_metrics=best_metrics, config=config, classes=classes,
+                        versions=versions, rng=dict(torch=torch.get_rng_state(), python=random.getstate())), f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
     os.replace(path + '.tmp', path)
 
 
@@ -213,11 +224,14 @@ if master:
 # training loop
 labeled_iter = iter(labeled_loader)
 unlabeled_iter = iter(unlabeled_loader) if semi else None
+if args.resume:  # after iter(), which draws the loaders' base seeds: the RNG goes on exactly where it was saved
+    torch.set_rng_state(checkpoint['rng']['torch'])
+    random.setstate(checkpoint['rng']['python'])
 # running sums kept on the device and read only every --log-every steps: no host sync inside the step
 stats = torch.zeros(4 + 2 * num_classes, device=device)  # loss_s, loss_u, mask, steps, per-class accepted, predicted
-first_bad_step, one = torch.tensor(-1, device=device), torch.ones((), device=device)
+# the first step whose loss was not finite, on any rank (sys.maxsize: none yet)
+first_bad_step, one = torch.tensor(sys.maxsize, device=device), torch.ones((), device=device)
 skipped, data_wait, t_log, t_start, start_step = 0, 0.0, time.time(), time.time(), step
-metrics = None
 while step < args.steps:
     model.train()
     t0 = time.time()
@@ -251,7 +265,7 @@ while step < args.steps:
     update_ema(step)
 
     with torch.no_grad():
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+        first_bad_step = torch.where(torch.isfinite(loss), first_bad_step, first_bad_step.clamp(max=step))
         stats[:4] += torch.stack([loss_s.detach(), loss_u.detach(), mask.mean() if semi else loss_u, one])
         if semi:
             stats[4:4 + num_classes] += torch.bincount(pseudo, weights=mask, minlength=num_classes)
@@ -260,10 +274,11 @@ while step < args.steps:
     last = step == args.steps
     if step % args.log_every == 0 or last or step % args.eval_every == 0 or step % args.save_every == 0:
         if ddp:
-            dist.all_reduce(first_bad_step, dist.ReduceOp.MAX)
-        if first_bad_step.item() >= 0:  # the one host sync, every few steps: never save a broken model
+            dist.all_reduce(first_bad_step, dist.ReduceOp.MIN)  # one rank's NaN reaches all ranks' weights
+        if first_bad_step.item() < sys.maxsize:  # the one host sync, every few steps: never save a broken model
+            log(dict(event='stop', step=first_bad_step.item(), reason='non-finite loss'))
             sys.exit(f'non-finite loss at step {first_bad_step.item()}; stopping. The last good checkpoint in '
-                     f'{args.out} is kept.')
+                     f'{args.out} is kept.' if master else 1)
     if step % args.log_every == 0 or last:
         totals = torch.cat([stats, torch.tensor([skipped, data_wait], device=device)])
         if ddp:
@@ -302,13 +317,12 @@ while step < args.steps:
 # -----------------------------------------------------------------------------
 # summary
 if master:
-    best = best_metrics if 'best_metrics' in globals() else metrics
     print(f'\nbest validation macro F1 {best_f1:.4f} (EMA model, saved in {args.out}/best.pt)')
-    print(format_table(best))
+    print(format_table(best_metrics))
     print('final per-class thresholds: ' + ', '.join(f'{c} {t:.3f}' for c, t in zip(classes, threshold.threshold().tolist())))
     if skipped:
         print(f'{skipped} unreadable unlabeled images were skipped')
-    log(dict(event='end', step=step, best_macro_f1=best_f1, best=best, skipped=skipped,
+    log(dict(event='end', step=step, best_macro_f1=best_f1, best=best_metrics, skipped=skipped,
              thresholds=threshold.threshold().tolist()))
 if ddp:
     dist.destroy_process_group()
