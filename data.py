@@ -424,9 +424,10 @@ def open_pool(path, split='train', reindex=False):
     """The unlabeled images at path, as a pool: len(pool), pool.read(i) -> RGB image, pool.name(i) for messages.
     A .rec file, or a folder holding train.rec + train.idx, is an InsightFace RecordIO pair (MS1M, Glint, WebFace);
     a labeled set (any format detect_format knows) gives its `split` with the labels ignored, never its val or
-    test images; anything else is a folder tree of images, indexed once (FolderPool)."""
+    test images; anything else is a folder tree of images (FolderPool). Folder and RecordIO indexes are cached;
+    reindex=True rebuilds them (cached_index)."""
     if path.endswith('.rec') or os.path.isfile(os.path.join(path, 'train.rec')):
-        return RecordPool(path)
+        return RecordPool(path, reindex)
     try:
         fmt = detect_format(path)
     except ValueError:  # no labeled format: a plain folder of images
@@ -439,28 +440,64 @@ INDEX_FILE, INDEX_VERSION = '.dtm_index.pt', 1
 IMAGE_SUFFIXES = tuple(e.encode() for e in IMAGE_EXTENSIONS)
 
 
+def cached_index(source, build, reindex=False):
+    """build(source) -> dict of tensors, built once and cached: walking millions of files or parsing a
+    multi-million-line .idx costs seconds to minutes, loading the cache a fraction of a second. The cache is
+    SOURCE/.dtm_index.pt for a folder, .NAME.dtm_index.pt beside a file, or ~/.cache/dtm/ where those cannot be
+    written. Like make, it is rebuilt when source is newer than it, or with reindex=True."""
+    caches = [os.path.join(source, INDEX_FILE) if os.path.isdir(source) else
+              os.path.join(os.path.dirname(source), '.' + os.path.basename(source) + INDEX_FILE),
+              os.path.join(os.path.expanduser('~'), '.cache', 'dtm',
+                           hashlib.sha1(os.fsencode(os.path.abspath(source))).hexdigest()[:16] + '.pt')]
+    for cache in [] if reindex else caches:
+        index = load_index(cache, source)
+        if index is not None:
+            return index
+    t0 = time.time()
+    index = dict(build(source), version=INDEX_VERSION)
+    saved = next(filter(None, (save_index(index, cache) for cache in caches)), None)
+    print(f'indexed {source} in {time.time() - t0:.1f}s; ' + (f'index cached in {saved}' if saved else
+          'the index could not be cached (read-only)'))
+    return index
+
+
+def load_index(cache, source):
+    """The cached index, or None when there is none, it is older than source, or it cannot be read."""
+    try:
+        if os.stat(cache).st_mtime_ns < os.stat(source).st_mtime_ns:
+            return None
+        index = torch.load(cache, weights_only=True)
+        return index if index.get('version') == INDEX_VERSION else None
+    except Exception:  # missing, truncated, from another torch: rebuilt
+        return None
+
+
+def save_index(index, cache):
+    """Write to a temporary file and rename (ranks that index at once never see half a file), then touch it: the
+    rename changed the folder's mtime when the cache lives in it. Returns the path, or None where it cannot write."""
+    try:
+        os.makedirs(os.path.dirname(cache) or '.', exist_ok=True)
+        tmp = f'{cache}.{os.getpid()}.tmp'
+        torch.save(index, tmp)
+        os.replace(tmp, cache)
+        os.utime(cache)
+        return cache
+    except OSError:
+        return None
+
+
 class FolderPool:
     """Every image file under root, recursively, in sorted path order. The index holds the relative paths as bytes
     joined into one uint8 tensor, plus an int64 tensor of where each ends: 8 bytes + the path's length per image
-    (about 20 for MS1M's id/n.jpg), no Python object per image, shared copy-on-write by forked DataLoader workers.
-
-    Walking millions of files takes minutes, so the index is built once and cached in ROOT/.dtm_index.pt, or in
-    ~/.cache/dtm/ when root is read-only. Like make, it is rebuilt when root is newer than the cache, that is when
-    an entry of root itself (an identity folder, a file of a flat pool) was added, removed or renamed; files added
-    inside existing subfolders are not noticed: pass reindex=True (train.py --reindex) or delete the cache.
-    A file removed since is skipped and counted when read, like any unreadable image."""
+    (about 25 for MS1M's id/n.jpg), no Python object per image, shared copy-on-write by forked DataLoader workers.
+    It is cached (cached_index) in ROOT/.dtm_index.pt, and rebuilt when root is newer than the cache, that is when
+    an entry of root itself (an identity folder, a file of a flat pool) was added, removed or renamed. Files added
+    inside existing subfolders are not noticed: pass reindex=True or delete the cache. A file removed since is
+    skipped and counted when read, like any unreadable image."""
 
     def __init__(self, root, reindex=False):
         self.root = root
-        caches = [os.path.join(root, INDEX_FILE), os.path.join(os.path.expanduser('~'), '.cache', 'dtm',
-                  hashlib.sha1(os.fsencode(os.path.abspath(root))).hexdigest()[:16] + '.pt')]
-        index = None if reindex else next(filter(None, (load_index(c, root) for c in caches)), None)
-        if index is None:
-            t0 = time.time()
-            index = index_folder(root)
-            saved = next(filter(None, (save_index(index, c) for c in caches)), 'nowhere (read-only)')
-            print(f'indexed {len(index["ends"]) - 1} images under {root} in {time.time() - t0:.1f}s; '
-                  f'index cached in {saved}')
+        index = cached_index(root, index_folder, reindex)
         self.names, self.ends = index['names'], index['ends']
 
     def __len__(self):
@@ -494,33 +531,8 @@ def index_folder(root):
     walk(os.fsencode(root), b'')
     if len(ends) == 1:
         raise ValueError(f'unlabeled pool {root}: no image files found')
-    return dict(version=INDEX_VERSION, names=torch.frombuffer(names, dtype=torch.uint8).clone(),
+    return dict(names=torch.frombuffer(names, dtype=torch.uint8).clone(),
                 ends=torch.frombuffer(ends, dtype=torch.int64).clone())
-
-
-def load_index(cache, root):
-    """The cached index of root, or None when there is none, it is older than root, or it cannot be read."""
-    try:
-        if os.stat(cache).st_mtime_ns < os.stat(root).st_mtime_ns:
-            return None
-        index = torch.load(cache, weights_only=True)
-        return index if index.get('version') == INDEX_VERSION else None
-    except Exception:  # missing, truncated, from another torch: rebuilt
-        return None
-
-
-def save_index(index, cache):
-    """Write to a temporary file and rename (ranks that index at once never see half a file), then touch it: the
-    rename changed root's mtime when the cache lives in root. Returns the path, or None where it cannot write."""
-    try:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        tmp = f'{cache}.{os.getpid()}.tmp'
-        torch.save(index, tmp)
-        os.replace(tmp, cache)
-        os.utime(cache)
-        return cache
-    except OSError:
-        return None
 
 
 RECORD_MAGIC = 0xced7230a
@@ -532,20 +544,28 @@ class RecordPool:
     payload padded to 4 bytes; the payload is a header '<IfQQ' (flag, label, id, id2), `flag` float32 labels when
     flag > 0, then the encoded image. When record 0 is a header (flag > 0 and no image) its labels give the image
     records [1, label[0]); the records after them are identity ranges, not images. Otherwise every record is one.
-    The pool holds two int64 tensors (record keys, byte offsets: 16 bytes per image) and opens the .rec lazily
-    once per process, since DataLoader workers fork and must not share one file position."""
+    The pool holds two int64 tensors (record keys, byte offsets: 16 bytes per image), cached like a folder's index
+    (parsing 5M .idx lines takes ~10 s), and opens the .rec lazily once per process, since DataLoader workers fork
+    and must not share one file position."""
 
-    def __init__(self, path):
+    def __init__(self, path, reindex=False):
         self.rec = path if path.endswith('.rec') else os.path.join(path, 'train.rec')
         self.file, self.pid = None, None
-        idx = self.rec[:-4] + '.idx'
+        index = cached_index(self.rec[:-4] + '.idx', self.index_records, reindex)
+        self.keys, self.offsets = index['keys'], index['offsets']
+
+    def index_records(self, idx):
+        """{'keys', 'offsets'} of the image records, from the .idx lines `key<TAB>byte offset`."""
         with open(idx, 'rb') as f:
-            numbers = f.read().split()  # lines `key<TAB>offset`
+            try:
+                numbers = array.array('q', map(int, f.read().split()))
+            except ValueError:
+                numbers = None
         if not numbers or len(numbers) % 2:
             raise ValueError(f'{idx}: expected lines of "index<TAB>byte offset"')
-        keys, order = torch.tensor(list(map(int, numbers[0::2]))).sort()
-        offsets = torch.tensor(list(map(int, numbers[1::2])))[order]
-        del numbers
+        keys, offsets = torch.frombuffer(numbers, dtype=torch.int64).view(-1, 2).unbind(1)
+        keys, order = keys.sort()
+        offsets = offsets[order]
         if offsets.max() >= os.path.getsize(self.rec):
             raise ValueError(f'{idx} points past the end of {self.rec}: not its index')
         if keys[0] == 0:
@@ -553,7 +573,7 @@ class RecordPool:
             if labels and not image:  # InsightFace's header record
                 images = (keys >= 1) & (keys < int(labels[0]))
                 keys, offsets = keys[images], offsets[images]
-        self.keys, self.offsets = keys, offsets
+        return dict(keys=keys, offsets=offsets)
 
     def __len__(self):
         return len(self.offsets)

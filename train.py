@@ -123,7 +123,7 @@ labeled_loader = data.loader(train_set, args.batch_size, data.InfiniteSampler(
 val_loader = data.loader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)), 4 * args.batch_size,
                          workers=args.workers)
 if semi:
-    pool = data.UnlabeledPool([p for root in args.unlabeled for p in data.scan_images(root)], augment)
+    pool = data.UnlabeledPool([data.open_pool(p) for p in args.unlabeled], augment)
     unlabeled_loader = data.loader(pool, args.mu * args.batch_size, data.InfiniteSampler(
         len(pool), args.seed + 1, rank, world, step * args.mu * args.batch_size), args.workers, cuda)
 
