@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 import data
+import formats
+import pools
 from model import build_model
 
 
@@ -79,7 +81,7 @@ def format_table(metrics):
 
 
 def predict_sources(model, sources, img_size, device, autocast, batch_size, workers):
-    """Class probabilities [N, C] (on the CPU) for image sources, anything data.open_image reads, in order."""
+    """Class probabilities [N, C] (on the CPU) for image sources, anything formats.open_image reads, in order."""
     images = data.LabeledSet(sources, [0] * len(sources), [], 'images to label')  # labels unused by predict()
     images.view = data.Augment(img_size).eval_view
     return predict(model, data.loader(images, batch_size, workers=workers), device, autocast)[0].cpu()
@@ -104,7 +106,7 @@ def video_names(videos):
 def video_frames(root, videos):
     """{video: (number of frames N, {frame: image path})} for Aff-Wild2 videos. N is the annotation's length where
     the video has one; a test video has none, so N is the highest frame number in its cropped_aligned folder."""
-    annotations, frames = data.find_affwild2(root)
+    annotations, frames = formats.find_affwild2(root)
     if frames is None:
         raise SystemExit(f'{root}: no Aff-Wild2 cropped_aligned/ folder')
     found = {}
@@ -114,7 +116,7 @@ def video_frames(root, videos):
         faces = {int(f[:-4]): os.path.join(folder, f) for f in files if f.endswith('.jpg') and f[:-4].isdigit()}
         sets = ('Train_Set', 'Validation_Set') if annotations else ()
         txt = [path for path in (os.path.join(annotations, s, video + '.txt') for s in sets) if os.path.isfile(path)]
-        count = len(data.read_lines(txt[0], ','.join(data.AFFWILD2_CLASSES))) if txt else max(faces, default=0)
+        count = len(formats.read_lines(txt[0], ','.join(formats.AFFWILD2_CLASSES))) if txt else max(faces, default=0)
         faces = {k: path for k, path in faces.items() if k <= count}
         if not faces:
             raise SystemExit(f'video {video}: no face images in {folder}')
@@ -135,12 +137,12 @@ def nearest_fill(labels, count):
 
 def write_submission(path, found, predicted, classes):
     """The ABAW expression-track file: its header, then `video/00001.jpg,label` for every frame of every video."""
-    if not set(classes) <= set(data.AFFWILD2_CLASSES):
-        raise SystemExit(f'the checkpoint classes {classes} are not Aff-Wild2 classes {data.AFFWILD2_CLASSES}')
-    to_abaw = [data.AFFWILD2_CLASSES.index(name) for name in classes]  # a checkpoint's order may differ
+    if not set(classes) <= set(formats.AFFWILD2_CLASSES):
+        raise SystemExit(f'the checkpoint classes {classes} are not Aff-Wild2 classes {formats.AFFWILD2_CLASSES}')
+    to_abaw = [formats.AFFWILD2_CLASSES.index(name) for name in classes]  # a checkpoint's order may differ
     predicted = iter(predicted)
     with open(path, 'w') as f:
-        f.write('image_location,' + ','.join(data.AFFWILD2_CLASSES) + '\n')
+        f.write('image_location,' + ','.join(formats.AFFWILD2_CLASSES) + '\n')
         for video, (count, faces) in found.items():
             labels = nearest_fill({frame: to_abaw[next(predicted)] for frame in faces}, count)
             f.writelines(f'{video}/{frame:05d}.jpg,{label}\n' for frame, label in enumerate(labels, 1))
@@ -154,7 +156,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('checkpoint')
     parser.add_argument('--data', help='labeled set root, or a FER2013 CSV (not needed with --predict)')
-    parser.add_argument('--format', choices=data.FORMATS, help='format of --data (default: detected from it)')
+    parser.add_argument('--format', choices=formats.FORMATS, help='format of --data (default: detected from it)')
     parser.add_argument('--split', default='val')
     parser.add_argument('--predict', nargs='+', metavar='PATH', help='label these face images or folders of them')
     parser.add_argument('--submission', metavar='FILE', help='write the ABAW submission for --videos of the '
@@ -186,7 +188,7 @@ def main(argv=None):
         missing = [path for path in args.predict if not os.path.exists(path)]
         if missing:
             raise SystemExit(f'--predict: no such file or folder: {", ".join(missing)}')
-        files = [f for path in args.predict for f in (data.scan_images(path) if os.path.isdir(path) else [path])]
+        files = [f for path in args.predict for f in (pools.scan_images(path) if os.path.isdir(path) else [path])]
         out = args.out or 'predictions.csv'
         write_predictions(out, files, run(files), classes)
         print(f'labeled {len(files)} images: wrote {out}')

@@ -5,7 +5,6 @@ and of model.py (ResNet shapes, loading backbone weights from a local file).
     python -m pytest test_data.py
 """
 import itertools
-import math
 import os
 
 import numpy
@@ -15,6 +14,9 @@ import torchvision
 from PIL import Image
 
 import data
+import faces
+import formats
+import pools
 from model import ARCHS, build_model, load_backbone
 
 
@@ -98,9 +100,9 @@ def test_unlabeled_pool_opens_each_image_once(tmp_path, monkeypatch):
         paths.append(str(tmp_path / f'{i}.png'))
         random_image(48, 48, seed=i).save(paths[-1])
     opened = []
-    open_image = data.open_image
-    monkeypatch.setattr(data, 'open_image', lambda source: opened.append(source) or open_image(source))
-    pool = data.UnlabeledPool([data.ListPool(paths)], data.Augment(48))
+    open_image = formats.open_image
+    monkeypatch.setattr(pools, 'open_image', lambda source: opened.append(source) or open_image(source))
+    pool = data.UnlabeledPool([pools.ListPool(paths)], data.Augment(48))
     weak, strong, index, skipped = pool[(1, 1234)]
     assert opened == [paths[1]] and index == 1 and skipped == 0
     assert weak.shape == strong.shape == (3, 48, 48) and not torch.equal(weak, strong)
@@ -111,7 +113,7 @@ def test_unlabeled_pool_skips_unreadable_images(tmp_path):
     random_image(48, 48, seed=0).save(paths[0])
     (tmp_path / 'bad.png').write_bytes(b'not an image')
     random_image(48, 48, seed=1).save(paths[2])
-    pool = data.UnlabeledPool([data.ListPool(paths)], data.Augment(48))
+    pool = data.UnlabeledPool([pools.ListPool(paths)], data.Augment(48))
     weak, strong, index, skipped = pool[(1, 7)]
     assert index == 2 and skipped == 1
 
@@ -193,9 +195,9 @@ def folder(tmp_path):
 
 
 def test_seeded_views_are_reproducible_in_any_order(folder, tmp_path):
-    labeled = data.read_imagefolder(str(folder), 'train')
+    labeled = data.load_labeled(str(folder), 'train', 'imagefolder')
     labeled.view = data.Augment(48).weak_view
-    pool = data.UnlabeledPool([data.ListPool(labeled.items)], data.Augment(48))
+    pool = data.UnlabeledPool([pools.ListPool(labeled.items)], data.Augment(48))
     keys = [(0, 11), (2, 12), (4, 13), (0, 14)]
     first = {key: (labeled[key], pool[key]) for key in keys}
     torch.manual_seed(1)
@@ -217,7 +219,7 @@ def test_seeded_views_do_not_depend_on_workers(tmp_path):
     for i in range(6):
         paths.append(str(tmp_path / f'{i}.png'))
         random_image(48, 48, seed=i).save(paths[-1])
-    pool = data.UnlabeledPool([data.ListPool(paths)], data.Augment(48))
+    pool = data.UnlabeledPool([pools.ListPool(paths)], data.Augment(48))
     batches = {}
     for workers in (0, 2):
         loader = data.loader(pool, 4, data.InfiniteSampler(len(pool), seed=1), workers=workers)
@@ -234,7 +236,7 @@ def test_seeded_views_do_not_depend_on_workers(tmp_path):
 
 
 def test_read_imagefolder(folder):
-    labeled = data.read_imagefolder(str(folder), 'train')
+    labeled = data.load_labeled(str(folder), 'train', 'imagefolder')
     assert list(labeled.classes) == ['angry', 'happy']  # sorted
     assert len(labeled) == 6 and sorted(labeled.labels) == [0, 0, 0, 1, 1, 1]
     assert not any(str(item).endswith('.txt') for item in labeled.items)
@@ -258,11 +260,11 @@ def test_load_labeled_detects_imagefolder(folder):
 
 def test_read_imagefolder_errors(folder, tmp_path):
     with pytest.raises(FileNotFoundError):
-        data.read_imagefolder(str(folder), 'test')  # no such split
+        formats.read_imagefolder(str(folder), 'test')  # no such split
     with pytest.raises(ValueError):
-        data.read_imagefolder(str(folder), 'val')   # class folders, no images
+        formats.read_imagefolder(str(folder), 'val')   # class folders, no images
     (folder / 'train' / 'happy' / 'broken.jpg').write_bytes(b'\xff\xd8 truncated')
-    labeled = data.read_imagefolder(str(folder), 'train')
+    labeled = data.load_labeled(str(folder), 'train', 'imagefolder')
     labeled.view = data.Augment(48).eval_view
     broken = next(i for i, item in enumerate(labeled.items) if str(item).endswith('broken.jpg'))
     with pytest.raises(RuntimeError, match='broken.jpg'):
@@ -274,13 +276,13 @@ def test_image_modes_become_rgb(tmp_path):
     values = numpy.array([[0, 25600], [65280, 256]], dtype='<u2')
     grey16 = Image.frombytes('I;16', (2, 2), values.tobytes())
     grey16.save(tmp_path / 'grey16.png')
-    image = data.open_image(str(tmp_path / 'grey16.png'))
+    image = formats.open_image(str(tmp_path / 'grey16.png'))
     assert image.mode == 'RGB' and list(image.tobytes())[0::3] == [0, 100, 255, 1]
     # RGBA: transparent pixels become black
     rgba = Image.new('RGBA', (2, 1), (200, 100, 50, 255))
     rgba.putpixel((1, 0), (200, 100, 50, 0))
     rgba.save(tmp_path / 'rgba.png')
-    assert list(data.open_image(str(tmp_path / 'rgba.png')).tobytes()) == [200, 100, 50, 0, 0, 0]
+    assert list(formats.open_image(str(tmp_path / 'rgba.png')).tobytes()) == [200, 100, 50, 0, 0, 0]
 
 
 # -----------------------------------------------------------------------------
@@ -290,28 +292,28 @@ def test_image_modes_become_rgb(tmp_path):
 def test_generate_faces(tmp_path):
     root = str(tmp_path / 'faces')
     counts = (100, 20, 100)
-    data.generate_faces(root, counts=counts, identities=(3, 2, 3), seed=0)
+    faces.generate_faces(root, counts=counts, identities=(3, 2, 3), seed=0)
     assert sorted(os.listdir(tmp_path)) == ['faces']  # the temporary folder was renamed, nothing left over
     assert sorted(os.listdir(root)) == ['train', 'unlabeled', 'val']
     for split, count, mix in zip(('train', 'val', 'unlabeled'), counts,
-                                 (data.LABELED_MIX, data.LABELED_MIX, data.UNLABELED_MIX)):
-        assert sorted(os.listdir(os.path.join(root, split))) == sorted(data.CLASSES)
-        per_class = {c: len(os.listdir(os.path.join(root, split, c))) for c in data.CLASSES}
+                                 (faces.LABELED_MIX, faces.LABELED_MIX, faces.UNLABELED_MIX)):
+        assert sorted(os.listdir(os.path.join(root, split))) == sorted(faces.CLASSES)
+        per_class = {c: len(os.listdir(os.path.join(root, split, c))) for c in faces.CLASSES}
         assert sum(per_class.values()) == count, (split, per_class)
         if count == 100:  # every share is a whole number of images here
-            assert [per_class[c] for c in data.CLASSES] == [round(share * 100) for share in mix]
-    labeled = data.read_imagefolder(root, 'train')
-    assert len(labeled) == 100 and sorted(labeled.classes) == sorted(data.CLASSES)
+            assert [per_class[c] for c in faces.CLASSES] == [round(share * 100) for share in mix]
+    labeled = data.load_labeled(root, 'train', 'imagefolder')
+    assert len(labeled) == 100 and sorted(labeled.classes) == sorted(faces.CLASSES)
     for item in labeled.items[::17]:
         with Image.open(item) as image:
             assert image.size == (48, 48) and image.mode == 'RGB'
 
 
 def test_generate_faces_is_reproducible_from_its_seed(tmp_path):
-    data.generate_faces(str(tmp_path / 'again'), counts=(3, 1, 1), identities=(1, 1, 1), seed=0)
-    data.generate_faces(str(tmp_path / 'again2'), counts=(3, 1, 1), identities=(1, 1, 1), seed=0)
-    a = sorted(data.scan_images(str(tmp_path / 'again')))
-    b = sorted(data.scan_images(str(tmp_path / 'again2')))
+    faces.generate_faces(str(tmp_path / 'again'), counts=(3, 1, 1), identities=(1, 1, 1), seed=0)
+    faces.generate_faces(str(tmp_path / 'again2'), counts=(3, 1, 1), identities=(1, 1, 1), seed=0)
+    a = sorted(pools.scan_images(str(tmp_path / 'again')))
+    b = sorted(pools.scan_images(str(tmp_path / 'again2')))
     assert [os.path.relpath(p, tmp_path / 'again') for p in a] == [os.path.relpath(p, tmp_path / 'again2') for p in b]
     for p, q in zip(a, b):
         with Image.open(p) as x, Image.open(q) as y:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+from faces import generate_faces
 from evaluate import evaluate
 from model import build_model
 
@@ -38,7 +39,7 @@ torch.save({{k: g[k].state_dict() for k in ('raw_model', 'ema_model', 'optimizer
 @pytest.fixture(scope='module')
 def faces(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('data') / 'faces')
-    data.generate_faces(root, counts=(32, 15, 64), identities=(4, 4, 8))  # 15: rank shards of 8 and 7
+    generate_faces(root, counts=(32, 15, 64), identities=(4, 4, 8))  # 15: rank shards of 8 and 7
     return root
 
 

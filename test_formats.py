@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import formats
 import evaluate
 from model import build_model
 
@@ -60,7 +61,7 @@ def affwild2(root, nested=('Annotations', 'EXPR_Recognition_Challenge')):
 def test_affwild2(tmp_path):
     root = str(tmp_path)
     affwild2(root)
-    assert data.detect_format(root) == 'affwild2'
+    assert formats.detect_format(root) == 'affwild2'
     train = data.load_labeled(root, 'train')
     frames = os.path.join(root, 'cropped_aligned')
     assert train.items == [os.path.join(frames, '1-30-1280x720', f) for f in ('00001.jpg', '00003.jpg', '00004.jpg',
@@ -113,7 +114,7 @@ def test_rafdb(tmp_path):
     root = str(tmp_path / 'RAF-DB' / 'basic')
     labels_file = rafdb(root)
     for path in (root, str(tmp_path / 'RAF-DB')):  # the basic/ folder or the folder above it
-        assert data.detect_format(path) == 'rafdb'
+        assert formats.detect_format(path) == 'rafdb'
         train = data.load_labeled(path, 'train')
         assert train.classes == ['Surprise', 'Fear', 'Disgust', 'Happiness', 'Sadness', 'Anger', 'Neutral']
         assert train.labels == [4, 0]
@@ -160,7 +161,7 @@ def test_fer2013(tmp_path):
     icml = fer2013(str(tmp_path / 'icml' / 'icml_face_data.csv'), rows, columns=('emotion', ' Usage', ' pixels'),
                    sep=', ')
     for source in (path, str(tmp_path), icml, str(tmp_path / 'icml')):
-        assert data.detect_format(source) == 'fer2013'
+        assert formats.detect_format(source) == 'fer2013'
         train = data.load_labeled(source, 'train')
         assert train.classes == ['Angry', 'Disgust', 'Fear', 'Happy', 'Sad', 'Surprise', 'Neutral']
         assert train.labels == [3, 6]
@@ -212,7 +213,7 @@ def test_affectnet(tmp_path):
     root = str(tmp_path)
     affectnet(root, [(f'{k}/img{k}.jpg', k) for k in range(11)])
     affectnet(root, [('20/a.png', 1), ('21/b.jpg', 7)], header=False, name='validation.csv')  # no header row
-    assert data.detect_format(root) == 'affectnet'
+    assert formats.detect_format(root) == 'affectnet'
     train = data.load_labeled(root, 'train')
     assert train.classes == ['Neutral', 'Happy', 'Sad', 'Surprise', 'Fear', 'Disgust', 'Anger', 'Contempt']
     assert train.labels == list(range(8))
@@ -250,7 +251,7 @@ def test_imagefolder_and_detection(tmp_path):
     for split, name, count in (('train', 'happy', 2), ('train', 'angry', 1), ('val', 'happy', 1)):
         for i in range(count):
             image(str(tmp_path / 'set' / split / name / f'{i}.png'))
-    assert data.detect_format(str(tmp_path / 'set')) == 'imagefolder'
+    assert formats.detect_format(str(tmp_path / 'set')) == 'imagefolder'
     train = data.load_labeled(str(tmp_path / 'set'), 'train')
     assert (train.classes, train.labels) == (['angry', 'happy'], [0, 1, 1])
     os.makedirs(tmp_path / 'set' / 'test' / 'happy')
@@ -286,7 +287,7 @@ def test_to_rgb_modes(tmp_path):
         im.save(tmp_path / name)
         with Image.open(tmp_path / name) as opened:
             assert opened.mode == im.mode, name  # the file really is in that mode
-        rgb = data.open_image(str(tmp_path / name))
+        rgb = formats.open_image(str(tmp_path / name))
         assert rgb.mode == 'RGB' and rgb.getpixel((0, 0)) == pytest.approx(expected, abs=2), name
 
 
@@ -382,12 +383,12 @@ def test_submission(tmp_path):
 def test_evaluate_with_format(tmp_path):
     root = str(tmp_path / 'raf')
     rafdb(root)
-    ckpt = checkpoint(str(tmp_path / 'best.pt'), data.RAFDB_CLASSES)
+    ckpt = checkpoint(str(tmp_path / 'best.pt'), formats.RAFDB_CLASSES)
     out = str(tmp_path / 'metrics.json')
     evaluate.main([ckpt, '--data', root, '--format', 'rafdb', '--split', 'test', '--out', out, '--workers', '0'])
     with open(out) as f:
         metrics = json.load(f)
-    assert metrics['classes'] == list(data.RAFDB_CLASSES) and metrics['split'] == 'test'
+    assert metrics['classes'] == list(formats.RAFDB_CLASSES) and metrics['split'] == 'test'
     assert sum(m['support'] for m in metrics['per_class'].values()) == 2
     with pytest.raises(SystemExit):  # --data is required without --predict
         evaluate.main([ckpt])

@@ -11,9 +11,10 @@ import torch
 from PIL import Image, ImageChops
 
 import data
+import pools
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data')
-MAGIC = struct.pack('<I', data.RECORD_MAGIC)
+MAGIC = struct.pack('<I', pools.RECORD_MAGIC)
 
 
 @pytest.fixture(autouse=True)
@@ -67,27 +68,27 @@ def test_record_pool_written_here(tmp_path, monkeypatch):
     images = [image_bytes(10), with_magic_inside(image_bytes(20)), image_bytes(30, 'JPEG')]
     rec = write_rec(tmp_path, insightface_payloads(images))
     assert open(rec, 'rb').read().count(MAGIC) == len(images) + 3 + 2  # the split record has three parts
-    pool = data.open_pool(str(tmp_path))
-    assert isinstance(pool, data.RecordPool) and len(pool) == 3
+    pool = pools.open_pool(str(tmp_path))
+    assert isinstance(pool, pools.RecordPool) and len(pool) == 3
     assert [pool.name(i) for i in range(3)] == [f'{rec} record {k}' for k in (1, 2, 3)]
     for i, value in enumerate((10, 20)):
         assert pool.read(i).getpixel((3, 3)) == (value, 255 - value, 7)
-        assert data.unpack_record(pool.payload(pool.offsets[i].item()))[1] == images[i]  # multi-part rejoined
+        assert pools.unpack_record(pool.payload(pool.offsets[i].item()))[1] == images[i]  # multi-part rejoined
     assert pool.read(2).size == (8, 8)
     # a copy in another process (spawned DataLoader worker) opens its own file
     copy = pickle.loads(pickle.dumps(pool))
     assert copy.file is None and copy.read(0).getpixel((0, 0)) == (10, 245, 7)
     # the parsed .idx is cached beside it: the next start does not parse it
     assert os.path.isfile(tmp_path / '.train.idx.dtm_index.pt')
-    monkeypatch.setattr(data.RecordPool, 'index_records', None)
-    assert torch.equal(data.open_pool(rec).offsets, pool.offsets)
+    monkeypatch.setattr(pools.RecordPool, 'index_records', None)
+    assert torch.equal(pools.open_pool(rec).offsets, pool.offsets)
 
 
 def test_record_pool_without_header(tmp_path):
     """No header record: every record of the .idx is an image, record 0 included; a record with flag > 0 that
     holds an image (landmarks as labels) is an image too."""
     rec = write_rec(tmp_path, [pack(0.0, image_bytes(1)), pack((1.0, 2.0), image_bytes(2)), pack(5.0, b'junk')])
-    pool = data.open_pool(rec)
+    pool = pools.open_pool(rec)
     assert len(pool) == 3 and pool.read(1).getpixel((0, 0)) == (2, 253, 7)
     with pytest.raises(OSError):
         pool.read(2)
@@ -98,17 +99,17 @@ def test_record_pool_rejects_damage(tmp_path):
     index = (tmp_path / 'train.idx').read_text()
     (tmp_path / 'train.idx').write_text(index + '2\t999999\n')
     with pytest.raises(ValueError, match='past the end'):
-        data.open_pool(rec)
+        pools.open_pool(rec)
     (tmp_path / 'train.idx').write_text('0\t0\n1\t4\n')  # byte 4 is inside record 0
     with pytest.raises(ValueError, match='no record at byte 4'):
-        data.open_pool(rec).read(1)
+        pools.open_pool(rec).read(1)
     (tmp_path / 'train.idx').write_text(index)
     os.truncate(rec, os.path.getsize(rec) - 20)  # the last record is cut short
     with pytest.raises(ValueError, match='cut short'):
-        data.open_pool(rec, reindex=True).read(1)  # reindex: the .idx changed within one tick of its cache
+        pools.open_pool(rec, reindex=True).read(1)  # reindex: the .idx changed within one tick of its cache
     (tmp_path / 'train.idx').write_text('0 zero\n')
     with pytest.raises(ValueError, match='expected lines'):
-        data.open_pool(rec, reindex=True)
+        pools.open_pool(rec, reindex=True)
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, 'lfw112_rec')), reason='no shared data')
@@ -116,11 +117,11 @@ def test_record_pool_mxnet_file(tmp_path):
     """The file MXNet 1.9.1 wrote: header labels [2001, 2935], images 1..2000, identity records 2001..2934."""
     for name in ('train.rec', 'train.idx'):  # linked, so that the index cache is written here, not in shared/
         os.symlink(os.path.join(SHARED, 'lfw112_rec', name), tmp_path / name)
-    pool = data.open_pool(str(tmp_path))
+    pool = pools.open_pool(str(tmp_path))
     assert len(pool) == 2000 and pool.keys[0] == 1 and pool.keys[-1] == 2000
     first, last = pool.read(0), pool.read(1999)
     assert first.size == last.size == (112, 112) and first.mode == 'RGB'
-    identities = [data.unpack_record(pool.payload(offset))[0] for offset in pool.offsets.tolist()]
+    identities = [pools.unpack_record(pool.payload(offset))[0] for offset in pool.offsets.tolist()]
     assert identities[:2] == [(0.0,), (1.0,)] and len(set(identities)) == 934 and identities == sorted(identities)
     # the records are lfw112's images in sorted path order
     with tarfile.open(os.path.join(SHARED, 'lfw112.tar')) as tar:
@@ -141,47 +142,47 @@ def make_folder(root):
 def test_folder_pool_index_and_cache(tmp_path, monkeypatch, home):
     root = tmp_path / 'pool'
     make_folder(root)
-    pool = data.open_pool(str(root))
-    assert isinstance(pool, data.FolderPool) and len(pool) == 6
+    pool = pools.open_pool(str(root))
+    assert isinstance(pool, pools.FolderPool) and len(pool) == 6
     assert [os.path.relpath(pool.name(i), root) for i in range(len(pool))] == [
         'a_person/0.png', 'a_person/1.png', 'a_person/2.png', 'a_person/deeper/x.JPG', 'b_person/0.png',
         'b_person/1.png']
     assert pool.read(2).getpixel((0, 0)) == (2, 0, 0)
     assert pool.names.numel() + 8 * pool.ends.numel() < 100 * len(pool)
-    assert os.path.isfile(root / data.INDEX_FILE)
+    assert os.path.isfile(root / pools.INDEX_FILE)
 
     def no_walk(root):
         raise AssertionError('walked the folder although its index is cached')
-    index_folder = data.index_folder
-    monkeypatch.setattr(data, 'index_folder', no_walk)
-    assert len(data.open_pool(str(root))) == 6  # warm start: the cache
-    monkeypatch.setattr(data, 'index_folder', index_folder)
+    index_folder = pools.index_folder
+    monkeypatch.setattr(pools, 'index_folder', no_walk)
+    assert len(pools.open_pool(str(root))) == 6  # warm start: the cache
+    monkeypatch.setattr(pools, 'index_folder', index_folder)
     # a file added inside a subfolder is seen only on reindex; one added to root itself makes root newer
     Image.new('RGB', (8, 8)).save(root / 'a_person' / '3.png')
-    assert len(data.open_pool(str(root))) == 6
-    assert len(data.FolderPool(str(root), reindex=True)) == 7
+    assert len(pools.open_pool(str(root))) == 6
+    assert len(pools.FolderPool(str(root), reindex=True)) == 7
     Image.new('RGB', (8, 8)).save(root / 'top.png')
-    future = os.stat(root / data.INDEX_FILE).st_mtime + 10  # coarse file-system clocks
+    future = os.stat(root / pools.INDEX_FILE).st_mtime + 10  # coarse file-system clocks
     os.utime(root, (future, future))
-    assert len(data.open_pool(str(root))) == 8
+    assert len(pools.open_pool(str(root))) == 8
     # a root we cannot write to (a folder where the cache file would go): the index goes to ~/.cache/dtm
-    os.remove(root / data.INDEX_FILE)
-    os.mkdir(root / data.INDEX_FILE)
-    pool = data.open_pool(str(root))
+    os.remove(root / pools.INDEX_FILE)
+    os.mkdir(root / pools.INDEX_FILE)
+    pool = pools.open_pool(str(root))
     assert len(pool) == 8 and os.listdir(home / '.cache' / 'dtm')
-    monkeypatch.setattr(data, 'index_folder', no_walk)
-    assert len(data.open_pool(str(root))) == 8
+    monkeypatch.setattr(pools, 'index_folder', no_walk)
+    assert len(pools.open_pool(str(root))) == 8
 
 
 def test_folder_pool_odd_names_and_empty(tmp_path, monkeypatch):
     os.makedirs(tmp_path / 'odd')
     for name in (b'\xff\xfe.jpg', 'é 1.png'.encode()):  # not UTF-8, and non-ASCII with a space
         Image.new('RGB', (4, 4)).save(os.path.join(os.fsencode(tmp_path / 'odd'), name), 'PNG')
-    pool = data.open_pool(str(tmp_path / 'odd'))
+    pool = pools.open_pool(str(tmp_path / 'odd'))
     assert len(pool) == 2 and all(pool.read(i).size == (4, 4) for i in range(2))
     os.makedirs(tmp_path / 'empty' / 'sub')
     with pytest.raises(ValueError, match='no image files'):
-        data.open_pool(str(tmp_path / 'empty'))
+        pools.open_pool(str(tmp_path / 'empty'))
 
 
 def test_labeled_set_as_pool(tmp_path):
@@ -191,8 +192,8 @@ def test_labeled_set_as_pool(tmp_path):
             os.makedirs(tmp_path / split / c)
             for k in range(n):
                 Image.new('RGB', (8, 8)).save(tmp_path / split / c / f'{k}.png')
-    pool = data.open_pool(str(tmp_path))
-    assert isinstance(pool, data.ListPool) and len(pool) == 6
+    pool = pools.open_pool(str(tmp_path))
+    assert isinstance(pool, pools.ListPool) and len(pool) == 6
     assert all('/train/' in pool.name(i) for i in range(6)) and pool.read(0).size == (8, 8)
 
 
@@ -206,7 +207,7 @@ def test_unlabeled_pool_skips_bad_files(tmp_path, monkeypatch, capsys):
     (folder / '1_truncated.jpg').write_bytes(jpeg[:len(jpeg) // 2])
     (folder / '2_text.png').write_text('hello, I am not a picture')
     rec = write_rec(tmp_path, insightface_payloads([image_bytes(40), b'not an image', image_bytes(50)]))
-    pool = data.UnlabeledPool([data.open_pool(str(folder)), data.open_pool(rec)], data.Augment(16))
+    pool = data.UnlabeledPool([pools.open_pool(str(folder)), pools.open_pool(rec)], data.Augment(16))
     assert len(pool) == 6 + 3
     results = [pool[i] for i in range(len(pool))]
     # folder order: 0_corrupt 0_good 1_good 1_truncated 2_good 2_text | record 1, 2 (bad), 3
@@ -219,7 +220,7 @@ def test_unlabeled_pool_skips_bad_files(tmp_path, monkeypatch, capsys):
     loader = data.loader(pool, 9, data.InfiniteSampler(len(pool), seed=0), workers=2)
     weak, strong, index, skipped = next(iter(loader))
     assert sorted(index.tolist()) == [1, 1, 2, 4, 4, 6, 6, 8, 8] and skipped.sum() == 4
-    only_bad = data.UnlabeledPool([data.open_pool(str(folder))], None)
+    only_bad = data.UnlabeledPool([pools.open_pool(str(folder))], None)
     only_bad.sources[0].read = lambda i: Image.open(io.BytesIO(b'bad'))
     with pytest.raises(RuntimeError, match='100 unreadable'):
         only_bad[0]

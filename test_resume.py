@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-import data
+from faces import generate_faces
 from model import build_model
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -25,7 +25,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS='1')  # the same thread count in every ru
 @pytest.fixture(scope='module')
 def faces(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('data') / 'faces')
-    data.generate_faces(root, counts=(32, 16, 64), identities=(4, 4, 8))
+    generate_faces(root, counts=(32, 16, 64), identities=(4, 4, 8))
     return root
 
 

@@ -28,6 +28,9 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import faces
+import formats
+import pools
 from dtm import DynamicThreshold, FixedThreshold, FlexMatchThreshold, FreeMatchThreshold
 from evaluate import evaluate, format_table
 from model import ARCHS, build_model
@@ -36,7 +39,7 @@ from model import ARCHS, build_model
 # configuration: argparse and a dict, nothing more
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--data', help='labeled set root (default: the built-in faces, generated into data/faces)')
-parser.add_argument('--format', choices=data.FORMATS, help='format of --data (default: detected; see data.py)')
+parser.add_argument('--format', choices=formats.FORMATS, help='format of --data (default: detected; see data.py)')
 parser.add_argument('--unlabeled', nargs='*', help='unlabeled image folders (default: the built-in pool)')
 parser.add_argument('--arch', default='resnet18', choices=ARCHS)
 parser.add_argument('--weights', help='local backbone state dict to start from (fc is replaced)')
@@ -99,10 +102,10 @@ random.seed(args.seed)
 # data
 if args.data is None:
     if master:
-        data.default_data()  # generated once, by rank 0, while the other ranks wait
+        faces.default_data()  # generated once, by rank 0, while the other ranks wait
     if ddp:
         dist.barrier()
-    args.data = data.default_data()
+    args.data = faces.default_data()
     if args.unlabeled is None:
         args.unlabeled = [os.path.join(args.data, 'unlabeled')]
 semi = args.threshold != 'none'
@@ -123,7 +126,7 @@ labeled_loader = data.loader(train_set, args.batch_size, data.InfiniteSampler(
 val_loader = data.loader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)), 4 * args.batch_size,
                          workers=args.workers)
 if semi:
-    pool = data.UnlabeledPool([data.open_pool(p) for p in args.unlabeled], augment)
+    pool = data.UnlabeledPool([pools.open_pool(p) for p in args.unlabeled], augment)
     unlabeled_loader = data.loader(pool, args.mu * args.batch_size, data.InfiniteSampler(
         len(pool), args.seed + 1, rank, world, step * args.mu * args.batch_size), args.workers, cuda)
 
