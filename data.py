@@ -32,19 +32,43 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 class Augment:
     """decode -> uint8 tensor at img_size, then the weak view (flip + translate) and, for unlabeled images, the
-    strong view (weak + RandAugment + Cutout). Both views are made from one decode."""
+    strong view (weak + RandAugment + Cutout). Both views are made from one decode. On 48-112 px faces the cost
+    of a transform is mostly per-call overhead, so the weak view, the normalisation and Cutout are written out
+    (torchvision's v2 transforms, same distributions) and RandAugment runs on PIL images, where it is faster
+    (python bench.py measures each stage)."""
 
     def __init__(self, img_size):
+        self.size, self.pad = img_size, img_size // 8
         self.resize = v2.Resize((img_size, img_size), antialias=True)
-        self.weak = v2.Compose([v2.RandomHorizontalFlip(),
-                                v2.RandomCrop(img_size, padding=img_size // 8, padding_mode='reflect')])
         self.randaugment = v2.RandAugment(num_ops=2, magnitude=10)
-        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-        self.cutout = v2.RandomErasing(p=1.0, scale=(0.02, 0.15), value=0)
+        self.mean, self.std = (255 * torch.tensor(v).view(3, 1, 1) for v in (MEAN, STD))
 
     def decode(self, image):
         image = v2.functional.pil_to_tensor(image)
         return image if list(image.shape[-2:]) == list(self.resize.size) else self.resize(image)
+
+    def weak(self, image):
+        """RandomHorizontalFlip + RandomCrop(img_size, padding=img_size // 8, padding_mode='reflect'): a flip with
+        probability 1/2, then a translation by up to img_size/8 pixels each way, reflect-padded."""
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        image = torch.nn.functional.pad(image, [self.pad] * 4, mode='reflect')
+        top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+        return image[:, top:top + self.size, left:left + self.size]
+
+    def normalize(self, image):
+        """ToDtype(float32, scale=True) then Normalize(MEAN, STD), in one pass: (x - 255 mean) / (255 std)."""
+        return image.to(torch.float32).sub_(self.mean).div_(self.std)
+
+    def cutout(self, image):
+        """RandomErasing(p=1, scale=(0.02, 0.15), ratio=(0.3, 3.3), value=0) on a normalised view, in place: a box
+        of 2-15% of the area, aspect ratio log-uniform in [0.3, 3.3] (so it always fits), anywhere, set to 0."""
+        area, log_ratio, top, left = torch.rand(4).tolist()
+        area, ratio = self.size ** 2 * (0.02 + 0.13 * area), 0.3 * 11 ** log_ratio
+        h, w = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
+        top, left = int(top * (self.size - h + 1)), int(left * (self.size - w + 1))
+        image[:, top:top + h, left:left + w] = 0
+        return image
 
     def eval_view(self, image):
         return self.normalize(self.decode(image))
@@ -55,8 +79,8 @@ class Augment:
     def two_views(self, image):
         image = self.decode(image)
         weak = self.weak(image)
-        strong = self.cutout(self.normalize(self.randaugment(self.weak(image))))
-        return self.normalize(weak), strong
+        strong = v2.functional.pil_to_tensor(self.randaugment(v2.functional.to_pil_image(self.weak(image))))
+        return self.normalize(weak), self.cutout(self.normalize(strong))
 
 
 # -----------------------------------------------------------------------------
@@ -68,7 +92,10 @@ def seeded(key):
     in the stream, whatever worker draws it, so a resumed run sees exactly the images it would have seen."""
     if isinstance(key, tuple):
         index, seed = key
-        torch.manual_seed(seed)
+        # the CPU generator only, which the augmentations draw from: torch.manual_seed also seeds every
+        # accelerator's generator, and while those are uninitialised (a loader worker) queues each call with a
+        # formatted stack trace, ~0.7 ms a sample (bench.py); nor would fork_rng(devices=[]) restore them
+        torch.default_generator.manual_seed(seed)
         return index
     return key
 

@@ -94,6 +94,23 @@ def test_two_views_decode_once(monkeypatch):
     assert weak.shape == strong.shape == (3, 48, 48)
 
 
+def test_cutout_draws_the_boxes_of_random_erasing():
+    """Augment.cutout is torchvision's RandomErasing(p=1, scale=(0.02, 0.15), value=0) written out for speed: the
+    erased boxes' heights, widths and positions have the same distribution."""
+    def boxes(erase, n=3000):
+        found = []
+        for _ in range(n):
+            hole = erase(torch.ones(3, 48, 48))[0] == 0
+            rows, cols = hole.any(1).nonzero(), hole.any(0).nonzero()
+            found.append((len(rows), len(cols), rows.min().item(), cols.min().item()))
+        return torch.tensor(found, dtype=torch.float)
+    torch.manual_seed(0)
+    ours = boxes(data.Augment(48).cutout)
+    theirs = boxes(torchvision.transforms.v2.RandomErasing(p=1.0, scale=(0.02, 0.15), value=0))
+    assert torch.allclose(ours.mean(0), theirs.mean(0), rtol=0.05)  # ~6 standard errors
+    assert torch.allclose(ours.std(0), theirs.std(0), rtol=0.08)
+
+
 def test_unlabeled_pool_opens_each_image_once(tmp_path, monkeypatch):
     paths = []
     for i in range(3):
