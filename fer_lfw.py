@@ -1,0 +1,268 @@
+"""
+Issue 4, "prove the method on real faces": FER2013 with 10% of its training labels, LFW faces as unlabeled data.
+
+    python fer_lfw.py prepare [--work data/fer_lfw] [--seed 0]     extract the data, build the split, print the runs
+    python fer_lfw.py prepare > runs.sh                             the same, as a shell script (notes are # comments)
+    python fer_lfw.py table [--runs runs/fer_lfw]                   mean and spread over seeds, from the runs' logs
+
+Protocol. Labeled: a class-stratified 10% of fer2013/train, fixed by --seed (per class: file names sorted, a
+torch.randperm from one torch.Generator seeded once, classes in sorted order, the first round(10% of n) taken,
+halves rounded up); the list is written to WORK/labeled10/split.txt, never to git. Validation: fer2013/val.
+Unlabeled: the 13,233 LFW faces (lfw112), or LFW plus the other 90% of fer2013/train with its labels dropped.
+Methods: supervised only, FixMatch, FlexMatch, FreeMatch, DTM; reference: supervised on 100% of the labels.
+Everything in WORK is symlinks into the two extracted tars, nothing is copied:
+    WORK/fer2013/, WORK/lfw112/                 the tars of ../shared/data, extracted once
+    WORK/labeled10/train/<class>/  val -> ../fer2013/val      ImageFolder: the 10%
+    WORK/full/train -> ../fer2013/train, val                 ImageFolder: 100% of the labels
+    WORK/rest90/<class>/                        the other 90%, a folder pool for --unlabeled (labels unused)
+"""
+import argparse
+import csv
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tarfile
+
+import torch
+
+from formats import IMAGE_EXTENSIONS
+
+PERCENT = 10  # labeled share of each class
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data')
+SEMI = [('fixmatch', 'FixMatch', 'fixed'), ('flexmatch', 'FlexMatch', 'flexmatch'),  # run name, table name, --threshold
+        ('freematch', 'FreeMatch', 'freematch'), ('dtm', 'DTM', 'dtm')]
+# the table's rows in order: run name prefix (the folder is PREFIX_s<seed>) -> (method, --threshold, labeled set,
+# unlabeled pools); all in WORK
+ROWS = {'sup10': ('supervised', 'none', 'labeled10', ()),
+        **{f'{key}_lfw': (name, t, 'labeled10', ('lfw112',)) for key, name, t in SEMI},
+        **{f'{key}_lfw_fer90': (name, t, 'labeled10', ('lfw112', 'rest90')) for key, name, t in SEMI},
+        'sup100': ('supervised, 100% labels', 'none', 'full', ())}
+
+# -----------------------------------------------------------------------------
+# prepare
+
+
+def extract(tar, work, name):
+    """Extract tar (whose top folder is `name`) into work, once: into a temporary folder, then one rename, so an
+    interrupted extraction is never mistaken for a finished one."""
+    if os.path.isdir(os.path.join(work, name)):
+        return
+    tmp = os.path.join(work, f'.{name}.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f'# extracting {tar} into {work}', file=sys.stderr)
+    with tarfile.open(tar) as f:
+        f.extractall(tmp, filter='data')  # 'data': no absolute paths, no links out of tmp
+    os.rename(os.path.join(tmp, name), os.path.join(work, name))
+    os.rmdir(tmp)
+
+
+def class_files(folder):
+    """{class: sorted image file names} of an ImageFolder split."""
+    return {c: sorted(f for f in os.listdir(os.path.join(folder, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
+            for c in sorted(os.listdir(folder)) if os.path.isdir(os.path.join(folder, c))}
+
+
+def choose(files, percent, seed):
+    """The labeled subset: per class, round(percent% of n) (halves up, in integers: no float ties) files drawn by a
+    random permutation of the sorted names; one generator, seeded once, walks the classes in sorted order."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = {}
+    for c, names in files.items():
+        k = (len(names) * percent * 2 + 100) // 200
+        chosen[c] = sorted(names[i] for i in torch.randperm(len(names), generator=generator)[:k].tolist())
+    return chosen
+
+
+def link_tree(target_root, tree, dest):
+    """dest/<class>/<file> -> target_root/<class>/<file> as relative symlinks, built in dest.tmp and renamed."""
+    tmp = dest + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)  # links only: rmtree never follows them
+    for c, names in tree.items():
+        os.makedirs(os.path.join(tmp, c))
+        target = os.path.relpath(os.path.join(target_root, c), os.path.join(dest, c))
+        for name in names:
+            os.symlink(os.path.join(target, name), os.path.join(tmp, c, name))
+    os.rename(tmp, dest)
+
+
+def link(target, path):
+    if not os.path.lexists(path):
+        os.symlink(os.path.relpath(target, os.path.dirname(path)), path)
+
+
+def prepare(args):
+    work = args.work
+    os.makedirs(work, exist_ok=True)
+    extract(os.path.join(args.shared, 'fer2013.tar'), work, 'fer2013')
+    extract(os.path.join(args.shared, 'lfw112.tar'), work, 'lfw112')
+    train = os.path.join(work, 'fer2013', 'train')
+    files = class_files(train)
+    chosen = choose(files, PERCENT, args.seed)
+    rest = {c: sorted(set(files[c]) - set(chosen[c])) for c in files}
+    listing = ''.join(f'{c}/{name}\n' for c in chosen for name in chosen[c])
+    header = f'# fer2013/train, {PERCENT}% per class, seed {args.seed}, {sum(map(len, chosen.values()))} files\n'
+    split_file = os.path.join(work, 'labeled10', 'split.txt')
+    if os.path.exists(split_file):  # never swap the split under finished runs
+        with open(split_file) as f:
+            if f.read() != header + listing:
+                sys.exit(f'{split_file} holds another split (first line: {open(split_file).readline().strip()}); '
+                         f'delete {work}/labeled10 and {work}/rest90, or pass another --work')
+    else:
+        for name in ('labeled10', 'rest90'):
+            shutil.rmtree(os.path.join(work, name), ignore_errors=True)  # a half-built tree from an interrupted run
+        os.makedirs(os.path.join(work, 'labeled10'))
+        link_tree(train, chosen, os.path.join(work, 'labeled10', 'train'))
+        link_tree(train, rest, os.path.join(work, 'rest90'))
+        with open(split_file + '.tmp', 'w') as f:
+            f.write(header + listing)
+        os.replace(split_file + '.tmp', split_file)  # written last: its presence means the trees are complete
+    os.makedirs(os.path.join(work, 'full'), exist_ok=True)
+    link(os.path.join(work, 'fer2013', 'val'), os.path.join(work, 'labeled10', 'val'))
+    link(train, os.path.join(work, 'full', 'train'))
+    link(os.path.join(work, 'fer2013', 'val'), os.path.join(work, 'full', 'val'))
+
+    lfw = sum(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, fs in os.walk(os.path.join(work, 'lfw112')) for f in fs)
+    n = {c: len(v) for c, v in chosen.items()}
+    print(f'# labeled10: {sum(n.values())} of {sum(map(len, files.values()))} train images: ' +
+          ', '.join(f'{c} {k}/{len(files[c])}' for c, k in n.items()))
+    print(f'# split sha256 {hashlib.sha256(listing.encode()).hexdigest()[:16]} ({split_file})')
+    print(f'# rest90: {sum(map(len, rest.values()))} images; lfw112: {lfw} images; val: fer2013/val')
+    common = (f'--img-size {args.img_size} --steps {args.steps} --batch-size {args.batch_size} --mu {args.mu} '
+              f'--eval-every {args.eval_every} --save-every {args.eval_every}')
+    common += f' --workers {args.workers}' if args.workers is not None else ''
+    common += f' {args.extra}' if args.extra else ''
+    for seed in args.train_seeds:
+        for prefix, (method, threshold, labeled, pools) in ROWS.items():
+            unlabeled = f' --unlabeled {" ".join(os.path.join(work, p) for p in pools)}' if pools else ''
+            print(f'python train.py --data {os.path.join(work, labeled)}{unlabeled} --threshold {threshold} {common} '
+                  f'--seed {seed} --out {os.path.join(args.runs, f"{prefix}_s{seed}")}')
+
+# -----------------------------------------------------------------------------
+# table
+
+
+def read_run(path):
+    """One run's log: config, best macro F1 and the accuracy of that checkpoint, steps done, and its time."""
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    start = next((r for r in records if r['event'] == 'start'), None)
+    if start is None:
+        return None  # a run that has not started logging
+    evals = [r for r in records if r['event'] == 'eval']
+    best = max(evals, key=lambda r: r['macro_f1']) if evals else None  # the checkpoint train.py keeps as best.pt
+    config = start['config']
+    if all('time' in r for r in (records[0], records[-1])):
+        seconds = records[-1]['time'] - records[0]['time']
+    else:  # no timestamps: sum each train record's interval, images / (images/s). An interval also holds the
+        # evaluation and checkpoint just before it, so only startup and the last evaluation are left out
+        seconds, last = 0.0, 0
+        semi = config['threshold'] != 'none'
+        for r in records:
+            if r['event'] == 'start':
+                last = r['step']
+            elif r['event'] == 'train':
+                images = (r['step'] - last) * start.get('versions', {}).get('world_size', 1) * config['batch_size'] * \
+                    (1 + 2 * config['mu'] * semi)
+                seconds += images / max(r['images_per_s'], 1e-9)
+                last = r['step']
+    return dict(log=path, config=config, seed=config['seed'], labeled=start['labeled'], unlabeled=start['unlabeled'],
+                steps=max(r['step'] for r in records), finished=records[-1]['event'] == 'end',
+                macro_f1=best and best['macro_f1'], accuracy=best and best['accuracy'], best_step=best and best['step'],
+                seconds=seconds)
+
+
+def spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return dict(mean=None, std=None, min=None, max=None)
+    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                min=min(values), max=max(values))
+
+
+def table(args):
+    groups = {}
+    for path in sorted(glob.glob(os.path.join(args.runs, '*', 'log.jsonl'))):
+        name = os.path.basename(os.path.dirname(path))
+        run = read_run(path)
+        if run:
+            groups.setdefault(re.sub(r'_s\d+$', '', name), []).append(run)
+    if not groups:
+        sys.exit(f'no {args.runs}/*/log.jsonl')
+    rows = []
+    for group in [g for g in ROWS if g in groups] + sorted(set(groups) - set(ROWS)):  # the protocol's order first
+        runs, config = groups[group], groups[group][0]['config']
+        differ = {k for r in runs for k, v in r['config'].items()  # seeds of one row must differ only in the seed
+                  if k not in ('seed', 'out', 'resume', 'workers') and v != config.get(k)}
+        pools = [os.path.basename(p.rstrip('/')) for p in config.get('unlabeled') or []]
+        rows.append(dict(run=group, method=ROWS.get(group, (config['threshold'],))[0], threshold=config['threshold'],
+                         labeled=runs[0]['labeled'],
+                         unlabeled=f'{" + ".join(pools)} ({runs[0]["unlabeled"]})' if runs[0]['unlabeled'] else '-',
+                         seeds=[r['seed'] for r in runs], finished=sum(r['finished'] for r in runs),
+                         steps=max(r['steps'] for r in runs), config_differs=sorted(differ),
+                         macro_f1=spread([r['macro_f1'] for r in runs]), accuracy=spread([r['accuracy'] for r in runs]),
+                         minutes=spread([r['seconds'] / 60 for r in runs]),
+                         runs=[{k: v for k, v in r.items() if k != 'config'} for r in runs]))
+
+    def percent(s, n):
+        if s['mean'] is None:
+            return '-'
+        spread = f' ± {100 * s["std"]:.2f} [{100 * s["min"]:.2f}, {100 * s["max"]:.2f}]' if n > 1 else ''
+        return f'{100 * s["mean"]:.2f}{spread}'
+
+    def duration(minutes):
+        return f'{minutes:.1f} min' if minutes < 120 else f'{minutes / 60:.1f} h'
+
+    lines = ['| run | method | labeled | unlabeled | seeds (done) | steps | macro F1 % mean ± std [min, max] | '
+             'accuracy % mean ± std [min, max] | time/run |', '|' + '---|' * 9]
+    for r in rows:
+        n = len(r['seeds'])
+        warn = f' (configs differ: {", ".join(r["config_differs"])})' if r['config_differs'] else ''
+        lines.append(f'| {r["run"]}{warn} | {r["method"]} | {r["labeled"]} | {r["unlabeled"]} | '
+                     f'{n} ({r["finished"]}) | {r["steps"]} | {percent(r["macro_f1"], n)} | '
+                     f'{percent(r["accuracy"], n)} | {duration(r["minutes"]["mean"])} |')
+    lines.append('\nBest validation (fer2013/val) macro F1 of the EMA model over the evaluations of each run, and the '
+                 'accuracy of that same checkpoint; std over seeds (n-1). time/run: mean wall time of the training '
+                 'loop.')
+    markdown = '\n'.join(lines) + '\n'
+    print(markdown)
+    with open(os.path.join(args.runs, 'results.md'), 'w') as f:
+        f.write(markdown)
+    with open(os.path.join(args.runs, 'results.json'), 'w') as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(args.runs, 'results.csv'), 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['run', 'method', 'labeled', 'unlabeled', 'seeds', 'steps', *(f'{m}_{s}' for m in ('f1', 'acc')
+                         for s in ('mean', 'std', 'min', 'max')), 'minutes_per_run'])
+        for r in rows:
+            writer.writerow([r['run'], r['method'], r['labeled'], r['unlabeled'], len(r['seeds']), r['steps'],
+                             *r['macro_f1'].values(), *r['accuracy'].values(), r['minutes']['mean']])
+    print(f'wrote {args.runs}/results.md, results.json, results.csv', file=sys.stderr)
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('prepare', help='extract, build the split, print the train.py commands')
+    p.add_argument('--shared', default=SHARED, help='folder holding fer2013.tar and lfw112.tar')
+    p.add_argument('--work', default='data/fer_lfw', help='where to extract and build (git-ignored)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the labeled split')
+    p.add_argument('--runs', default='runs/fer_lfw', help='parent of the printed --out folders')
+    p.add_argument('--train-seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--steps', type=int, default=20000)
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--mu', type=int, default=7)
+    p.add_argument('--img-size', type=int, default=48)
+    p.add_argument('--eval-every', type=int, default=500)
+    p.add_argument('--workers', type=int)
+    p.add_argument('--extra', default='', help='more train.py arguments, appended to every command')
+    t = sub.add_parser('table', help='results table from RUNS/*/log.jsonl')
+    t.add_argument('--runs', default='runs/fer_lfw')
+    args = parser.parse_args()
+    if args.command == 'prepare':
+        prepare(args)
+    else:
+        table(args)
