@@ -251,7 +251,7 @@ while step < args.steps:
             weak, strong = (t.to(device, non_blocking=True) for t in (weak, strong))
             with torch.no_grad():  # the weak view only makes targets: no graph, no backward
                 probs = model(weak).float().softmax(dim=1)
-            pseudo, mask = threshold(probs, index.to(device))
+            pseudo, mask = threshold(probs, index.to(device, non_blocking=True))  # blocking, it would sync the GPU
             logits = model(torch.cat([images, strong]))
             logits_x, logits_u = logits[:len(images)], logits[len(images):]
             loss_u = (F.cross_entropy(logits_u.float(), pseudo, reduction='none') * mask).mean()  # / (mu B)
