@@ -40,9 +40,9 @@ def expression(label, rng):
         a, b = rng.sample([c for c in PROTOTYPES if c != 'Neutral'], 2)
         units = {u: 0.55 * rng.uniform(0.4, 1.0) * (PROTOTYPES[a].get(u, 0) + PROTOTYPES[b].get(u, 0)) for u in AUS}
     else:
-        intensity = rng.uniform(0.35, 1.0)
+        intensity = rng.uniform(0.5, 1.0)
         units = {u: intensity * PROTOTYPES[name].get(u, 0.0) for u in AUS}
-    return {u: max(0.0, v + rng.gauss(0, 0.12)) for u, v in units.items()}
+    return {u: max(0.0, v + rng.gauss(0, 0.1)) for u, v in units.items()}
 
 
 def new_identity(rng):
@@ -53,7 +53,7 @@ def new_identity(rng):
                 width=rng.uniform(0.56, 0.70), height=rng.uniform(0.72, 0.86), eye_y=rng.uniform(0.40, 0.47),
                 eye_gap=rng.uniform(0.15, 0.21), eye_size=rng.uniform(0.045, 0.065), mouth_y=rng.uniform(0.70, 0.76),
                 mouth_w=rng.uniform(0.12, 0.18), brow_w=rng.uniform(1.5, 3.0),
-                rest={u: max(0.0, rng.gauss(0, 0.15)) for u in AUS})
+                rest={u: max(0.0, rng.gauss(0, 0.1)) for u in AUS})
 
 
 def draw_face(person, units, rng, size=48):
@@ -62,7 +62,7 @@ def draw_face(person, units, rng, size=48):
     background = tuple(rng.randint(0, 255) for _ in range(3))
     image = Image.new('RGB', (S, S), background)
     d = ImageDraw.Draw(image)
-    for _ in range(rng.randint(0, 4)):  # background clutter
+    for _ in range(rng.randint(0, 2)):  # background clutter
         x, y = rng.uniform(0, S), rng.uniform(0, S)
         d.rectangle((x, y, x + rng.uniform(5, 40), y + rng.uniform(5, 40)), fill=tuple(rng.randint(0, 255) for _ in range(3)))
     cx, cy, w, h = S / 2, S / 2, person['width'] * S, person['height'] * S
@@ -79,8 +79,8 @@ def draw_face(person, units, rng, size=48):
         if u['cheek'] > 0.3:  # AU6 cheek raiser: crow's feet and raised lower lids
             d.arc((ex - er * 1.6, ey - er, ex + er * 1.6, ey + er * 1.8), 20, 160, fill=dark, width=2)
         # brows: height from AU1+2 and AU4, inner end raised by AU1 and lowered/pulled in by AU4
-        by = ey - er * 2.2 - S * 0.05 * u['brows_up'] + S * 0.035 * u['lower']
-        inner = by - S * 0.05 * u['inner'] + S * 0.04 * u['lower']
+        by = ey - er * 2.2 - S * 0.07 * u['brows_up'] + S * 0.05 * u['lower']
+        inner = by - S * 0.07 * u['inner'] + S * 0.05 * u['lower']
         outer = by + S * 0.015 * u['inner']
         ix = cx + side * (gap * 0.45 - S * 0.02 * u['lower'])
         d.line((ix, inner, cx + side * (gap + er * 1.8), outer), fill=person['hair'], width=int(person['brow_w'] * 2))
@@ -91,8 +91,8 @@ def draw_face(person, units, rng, size=48):
     d.line((cx, ey + er, cx - 3, S * (person['mouth_y'] - 0.09)), fill=dark, width=2)
     # mouth: corners up (AU12) or down (AU15), width stretched (AU20) or pressed (AU23), jaw drop opens it (AU26)
     my, mw = person['mouth_y'] * S - S * 0.02 * u['wrinkle'], person['mouth_w'] * S * (1 + 0.45 * u['stretch'] + 0.25 * u['smile'] - 0.35 * u['press'])
-    curve = S * (0.06 * u['smile'] - 0.05 * u['frown'])
-    opening = S * (0.10 * u['jaw'] + 0.03 * u['stretch'])
+    curve = S * (0.09 * u['smile'] - 0.07 * u['frown'])
+    opening = S * (0.12 * u['jaw'] + 0.03 * u['stretch'])
     lips = (150, 50, 60) if u['press'] < 0.5 else (120, 60, 60)
     top = [(cx + mw * t, my - curve * t * t - S * 0.015 * u['wrinkle'] * (1 - t * t)) for t in (-1, -0.5, 0, 0.5, 1)]
     bottom = [(x, y + opening * (1 - ((x - cx) / mw) ** 2)) for x, y in reversed(top)]
@@ -104,12 +104,12 @@ def draw_face(person, units, rng, size=48):
     zoom = rng.uniform(0.9, 1.15)
     crop = S / zoom
     image = image.crop(((S - crop) / 2, (S - crop) / 2, (S + crop) / 2, (S + crop) / 2)).resize((S, S))
-    if rng.random() < 0.25:
+    if rng.random() < 0.15:  # occlusion (a hand, a microphone)
         d = ImageDraw.Draw(image)
         x, y = rng.uniform(0, S * 0.8), rng.uniform(S * 0.3, S * 0.9)
         d.ellipse((x, y, x + rng.uniform(15, 40), y + rng.uniform(15, 40)), fill=tuple(rng.randint(0, 255) for _ in range(3)))
     light = Image.linear_gradient('L').rotate(rng.uniform(0, 360)).resize((S, S))
-    image = Image.composite(image, Image.eval(image, lambda v: int(v * rng.uniform(0.3, 0.7))), light.point(lambda v: 255 - v // 2))
+    image = Image.composite(image, Image.eval(image, lambda v: int(v * rng.uniform(0.5, 0.8))), light.point(lambda v: 255 - v // 2))
     image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2))).resize((size, size), Image.LANCZOS)
     generator = torch.Generator().manual_seed(rng.getrandbits(63))  # sensor noise, reproducible from the seed
     noise = (128 + rng.uniform(2, 15) * torch.randn(size * size, generator=generator)).clamp(0, 255).byte()
@@ -125,7 +125,7 @@ def split_counts(shares, total):
     return counts
 
 
-def generate_faces(root, counts=(1000, 1000, 10000), identities=(60, 60, 600), seed=0):
+def generate_faces(root, counts=(240, 1000, 10000), identities=(30, 60, 600), seed=0):
     """Write the built-in set: ROOT/train (labeled), ROOT/val and ROOT/unlabeled/<class>/ (the unlabeled pool;
     its class folders are only for inspection, the loader ignores them). Each split has its own people.
     Written to a temporary folder and renamed, so an interrupted generation is never mistaken for a finished one."""

@@ -40,7 +40,9 @@ from model import ARCHS, build_model
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--data', help='labeled set root (default: the built-in faces, generated into data/faces)')
 parser.add_argument('--format', choices=formats.FORMATS, help='format of --data (default: detected; see data.py)')
-parser.add_argument('--unlabeled', nargs='*', help='unlabeled image folders (default: the built-in pool)')
+parser.add_argument('--unlabeled', nargs='*', help='unlabeled sources: image folder trees, InsightFace train.rec '
+                    '(or its folder), labeled sets (train split, labels ignored); default: the built-in pool')
+parser.add_argument('--reindex', action='store_true', help='rebuild the cached index of the unlabeled sources')
 parser.add_argument('--arch', default='resnet18', choices=ARCHS)
 parser.add_argument('--weights', help='local backbone state dict to start from (fc is replaced)')
 parser.add_argument('--img-size', type=int, default=48, help='input size in pixels (faces are resized to it)')
@@ -54,6 +56,8 @@ parser.add_argument('--dtm-momentum', type=float, default=0.999, help='EMA momen
 parser.add_argument('--dtm-min', type=float, default=0.5, help='T_min: lowest DTM threshold')
 parser.add_argument('--lambda-u', type=float, default=1.0, help='weight of the unlabeled loss')
 parser.add_argument('--balanced', action='store_true', help='class-balanced sampling of the labeled set')
+parser.add_argument('--teacher', default='live', choices=('live', 'ema'),
+                    help='model that makes pseudo-labels: the live model (FixMatch) or its EMA (mean teacher)')
 parser.add_argument('--lr', type=float, default=0.03)
 parser.add_argument('--weight-decay', type=float, default=5e-4)
 parser.add_argument('--ema', type=float, default=0.999, help='decay of the weight EMA used for evaluation')
@@ -67,7 +71,7 @@ parser.add_argument('--resume', nargs='?', const='last', help='checkpoint to res
 parser.add_argument('--compile', action='store_true', help='torch.compile the model (CUDA)')
 args = parser.parse_args()
 # operational settings a resumed run may change; everything else is restored from the checkpoint
-OPERATIONAL = ('resume', 'out', 'steps', 'workers', 'eval_every', 'save_every', 'log_every', 'compile')
+OPERATIONAL = ('resume', 'out', 'steps', 'workers', 'eval_every', 'save_every', 'log_every', 'compile', 'reindex')
 
 # -----------------------------------------------------------------------------
 # resume, devices, distributed
@@ -126,7 +130,7 @@ labeled_loader = data.loader(train_set, args.batch_size, data.InfiniteSampler(
 val_loader = data.loader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)), 4 * args.batch_size,
                          workers=args.workers)
 if semi:
-    pool = data.UnlabeledPool([pools.open_pool(p) for p in args.unlabeled], augment)
+    pool = data.UnlabeledPool([pools.open_pool(p, reindex=args.reindex) for p in args.unlabeled], augment)
     unlabeled_loader = data.loader(pool, args.mu * args.batch_size, data.InfiniteSampler(
         len(pool), args.seed + 1, rank, world, step * args.mu * args.batch_size), args.workers, cuda)
 
@@ -135,7 +139,7 @@ if semi:
 model = build_model(args.arch, num_classes, None if args.resume else args.weights).to(device)  # resume: in checkpoint
 if cuda:
     model = model.to(memory_format=torch.channels_last)
-ema_model = copy.deepcopy(model).requires_grad_(False)
+ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # eval mode: BN uses its running statistics
 decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
 optimizer = torch.optim.SGD([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0)],
                             lr=args.lr, momentum=0.9, nesterov=True)
@@ -197,7 +201,7 @@ if master:
 
 def log(record):
     if master:
-        log_file.write(json.dumps(record) + '\n')
+        log_file.write(json.dumps(dict(record, time=round(time.time(), 3))) + '\n')
         log_file.flush()
 
 
@@ -250,7 +254,7 @@ while step < args.steps:
         if semi:
             weak, strong = (t.to(device, non_blocking=True) for t in (weak, strong))
             with torch.no_grad():  # the weak view only makes targets: no graph, no backward
-                probs = model(weak).float().softmax(dim=1)
+                probs = (model if args.teacher == 'live' else ema_model)(weak).float().softmax(dim=1)
             pseudo, mask = threshold(probs, index.to(device, non_blocking=True))  # blocking, it would sync the GPU
             logits = model(torch.cat([images, strong]))
             logits_x, logits_u = logits[:len(images)], logits[len(images):]
