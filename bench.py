@@ -186,7 +186,7 @@ for _ in range(args.repeats):
     batches = loader_batches(size)
     timed(lambda: step(next(batches)), 2)  # the workers start and fill their prefetch queues
     loader_s.append(timed(lambda: step(next(batches)), 3 * steps))
-    del batches  # the workers exit: they must not take CPU from the pre-made block
+    batches.close()  # the workers exit: they must not take CPU from the pre-made block
     premade_s.append(timed(lambda: step(batch), 3 * steps))
 images = B + 2 * U  # through the network per step
 results['end_to_end'] = dict(size=size, workers=args.workers, loader_img_s=images / statistics.median(loader_s),
