@@ -53,18 +53,16 @@ def new_identity(rng):
                 width=rng.uniform(0.56, 0.70), height=rng.uniform(0.72, 0.86), eye_y=rng.uniform(0.40, 0.47),
                 eye_gap=rng.uniform(0.15, 0.21), eye_size=rng.uniform(0.045, 0.065), mouth_y=rng.uniform(0.70, 0.76),
                 mouth_w=rng.uniform(0.12, 0.18), brow_w=rng.uniform(1.5, 3.0),
-                rest={u: max(0.0, rng.gauss(0, 0.1)) for u in AUS})
+                rest={u: max(0.0, rng.gauss(0, 0.15)) for u in AUS})
 
 
-def draw_face(person, units, rng, size=48, wild=True):
-    """One face. wild=False is a posed lab photo: plain light background, frontal, even light, nothing in front of
-    the face; wild=True adds clutter, pose, uneven light and occlusion, like faces in the wild."""
+def draw_face(person, units, rng, size=48):
     S = 2 * size  # draw at twice the size, then downsample with antialiasing
     u = {k: v + person['rest'][k] for k, v in units.items()}
-    background = tuple(rng.randint(0, 255) for _ in range(3)) if wild else (rng.randint(170, 220),) * 3
+    background = tuple(rng.randint(0, 255) for _ in range(3))
     image = Image.new('RGB', (S, S), background)
     d = ImageDraw.Draw(image)
-    for _ in range(rng.randint(0, 2) if wild else 0):  # background clutter
+    for _ in range(rng.randint(0, 2)):  # background clutter
         x, y = rng.uniform(0, S), rng.uniform(0, S)
         d.rectangle((x, y, x + rng.uniform(5, 40), y + rng.uniform(5, 40)), fill=tuple(rng.randint(0, 255) for _ in range(3)))
     cx, cy, w, h = S / 2, S / 2, person['width'] * S, person['height'] * S
@@ -101,20 +99,18 @@ def draw_face(person, units, rng, size=48, wild=True):
     d.polygon(top + bottom, fill=(60, 15, 20) if opening > 2 else lips, outline=lips)
     d.line(top, fill=lips, width=max(1, int(3 - 2 * u['press'])))
     # pose, lighting, occlusion, blur and noise
-    turn, shift = (15, 5) if wild else (4, 2)
-    image = image.rotate(rng.uniform(-turn, turn), resample=Image.BILINEAR, fillcolor=background,
-                         translate=(rng.uniform(-shift, shift), rng.uniform(-shift, shift)))
-    zoom = rng.uniform(0.9, 1.15) if wild else rng.uniform(0.95, 1.05)
+    image = image.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR, translate=(rng.uniform(-5, 5), rng.uniform(-5, 5)),
+                         fillcolor=background)
+    zoom = rng.uniform(0.9, 1.15)
     crop = S / zoom
     image = image.crop(((S - crop) / 2, (S - crop) / 2, (S + crop) / 2, (S + crop) / 2)).resize((S, S))
-    if wild and rng.random() < 0.15:  # occlusion (a hand, a microphone)
+    if rng.random() < 0.15:  # occlusion (a hand, a microphone)
         d = ImageDraw.Draw(image)
         x, y = rng.uniform(0, S * 0.8), rng.uniform(S * 0.3, S * 0.9)
         d.ellipse((x, y, x + rng.uniform(15, 40), y + rng.uniform(15, 40)), fill=tuple(rng.randint(0, 255) for _ in range(3)))
-    if wild:  # light from one side
-        light = Image.linear_gradient('L').rotate(rng.uniform(0, 360)).resize((S, S)).point(lambda v: 255 - v // 2)
-        image = Image.composite(image, Image.eval(image, lambda v: int(v * rng.uniform(0.5, 0.8))), light)
-    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2 if wild else 0.5))).resize((size, size), Image.LANCZOS)
+    light = Image.linear_gradient('L').rotate(rng.uniform(0, 360)).resize((S, S))
+    image = Image.composite(image, Image.eval(image, lambda v: int(v * rng.uniform(0.5, 0.8))), light.point(lambda v: 255 - v // 2))
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2))).resize((size, size), Image.LANCZOS)
     generator = torch.Generator().manual_seed(rng.getrandbits(63))  # sensor noise, reproducible from the seed
     noise = (128 + rng.uniform(2, 15) * torch.randn(size * size, generator=generator)).clamp(0, 255).byte()
     return Image.blend(image, Image.frombytes('L', (size, size), bytes(noise.tolist())).convert('RGB'), 0.08)
@@ -129,11 +125,9 @@ def split_counts(shares, total):
     return counts
 
 
-def generate_faces(root, counts=(240, 1000, 10000), identities=(30, 60, 600), seed=0):
+def generate_faces(root, counts=(240, 1000, 10000), identities=(8, 60, 600), seed=0):
     """Write the built-in set: ROOT/train (labeled), ROOT/val and ROOT/unlabeled/<class>/ (the unlabeled pool;
-    its class folders are only for inspection, the loader ignores them). Each split has its own people. The labeled
-    faces are posed lab photos, the validation and unlabeled faces are in the wild, as with lab-made expression
-    sets and face-recognition photos: the unlabeled pool is the only source of what faces in the wild look like.
+    its class folders are only for inspection, the loader ignores them). Each split has its own people.
     Written to a temporary folder and renamed, so an interrupted generation is never mistaken for a finished one."""
     rng = random.Random(seed)
     tmp = root + '.tmp'
@@ -144,7 +138,7 @@ def generate_faces(root, counts=(240, 1000, 10000), identities=(30, 60, 600), se
         for c in CLASSES:
             os.makedirs(os.path.join(tmp, split, c), exist_ok=True)
         for i, label in enumerate(labels):
-            image = draw_face(rng.choice(persons), expression(label, rng), rng, wild=split != 'train')
+            image = draw_face(rng.choice(persons), expression(label, rng), rng)
             image.save(os.path.join(tmp, split, CLASSES[label], f'{split}_{i:05d}.png'))
     os.replace(tmp, root)
 
