@@ -53,7 +53,7 @@ def new_identity(rng):
                 width=rng.uniform(0.56, 0.70), height=rng.uniform(0.72, 0.86), eye_y=rng.uniform(0.40, 0.47),
                 eye_gap=rng.uniform(0.15, 0.21), eye_size=rng.uniform(0.045, 0.065), mouth_y=rng.uniform(0.70, 0.76),
                 mouth_w=rng.uniform(0.12, 0.18), brow_w=rng.uniform(1.5, 3.0),
-                rest={u: max(0.0, rng.gauss(0, 0.15)) for u in AUS})
+                rest={u: max(0.0, rng.gauss(0, 0.1)) for u in AUS})
 
 
 def draw_face(person, units, rng, size=48):
@@ -125,7 +125,7 @@ def split_counts(shares, total):
     return counts
 
 
-def generate_faces(root, counts=(240, 1000, 10000), identities=(8, 60, 600), seed=0):
+def generate_faces(root, counts=(240, 1000, 10000), identities=(30, 60, 600), seed=0):
     """Write the built-in set: ROOT/train (labeled), ROOT/val and ROOT/unlabeled/<class>/ (the unlabeled pool;
     its class folders are only for inspection, the loader ignores them). Each split has its own people.
     Written to a temporary folder and renamed, so an interrupted generation is never mistaken for a finished one."""

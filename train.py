@@ -55,6 +55,8 @@ parser.add_argument('--tau', type=float, default=0.95, help='fixed threshold (fi
 parser.add_argument('--dtm-momentum', type=float, default=0.99, help='EMA momentum m of the DTM (and FreeMatch)')
 parser.add_argument('--dtm-min', type=float, default=0.7, help='T_min: lowest DTM threshold')
 parser.add_argument('--lambda-u', type=float, default=1.0, help='weight of the unlabeled loss')
+parser.add_argument('--warmup', type=float, default=0.0,
+                    help='ramp lambda_u up linearly over this fraction of the steps (0: from the start)')
 parser.add_argument('--balanced', action='store_true', help='class-balanced sampling of the labeled set')
 parser.add_argument('--teacher', default='live', choices=('live', 'ema'),
                     help='model that makes pseudo-labels: the live model (FixMatch) or its EMA (mean teacher)')
@@ -262,7 +264,8 @@ while step < args.steps:
         else:
             logits_x, loss_u = model(images), torch.zeros((), device=device)
         loss_s = F.cross_entropy(logits_x.float(), labels)
-        loss = loss_s + args.lambda_u * loss_u
+        # the ramp lets the labeled loss shape the classifier before its own pseudo-labels pull on it
+        loss = loss_s + args.lambda_u * min(1.0, (step + 1) / max(args.warmup * args.steps, 1)) * loss_u
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
