@@ -59,7 +59,7 @@ class FixedThreshold(nn.Module):
 class DynamicThreshold(FixedThreshold):
     """DTM: T(c) = clip(kappa(c), T_min, T_max), kappa(c) = EMA of the mean confidence of predictions of class c."""
 
-    def __init__(self, num_classes, momentum=0.999, min_threshold=0.5, max_threshold=0.95):
+    def __init__(self, num_classes, momentum=0.99, min_threshold=0.7, max_threshold=0.95):
         super().__init__(num_classes, max_threshold)
         self.momentum, self.min_threshold, self.max_threshold = momentum, min_threshold, max_threshold
         self.register_buffer('kappa', torch.full((num_classes,), 1.0 / num_classes))
