@@ -125,7 +125,7 @@ class FreeMatchThreshold(FixedThreshold):
         return self.tau * self.p_model / self.p_model.max()
 
     def update(self, confidence, pseudo, probs, index):
-        stats = torch.cat([confidence.sum().view(1), probs.sum(dim=0), torch.tensor([len(probs)], device=probs.device)])
+        stats = torch.cat([confidence.sum().view(1), probs.sum(dim=0), probs.new_full((1,), len(probs))])
         stats = all_reduce_sum(stats)
         count = stats[-1]
         self.tau.lerp_(stats[0] / count, 1 - self.momentum)

@@ -178,7 +178,8 @@ def main(argv=None):
     model.load_state_dict(checkpoint['ema_model'])
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     model.to(device)
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device == 'cuda' else \
+    amp_dtype = torch.bfloat16 if device == 'cuda' and torch.cuda.is_bf16_supported() else torch.float16
+    autocast = torch.autocast('cuda', dtype=amp_dtype) if device == 'cuda' else \
         torch.autocast('cpu', enabled=False)
 
     def run(sources):

@@ -255,9 +255,11 @@ while step < args.steps:
     with autocast:
         if semi:
             weak, strong = (t.to(device, non_blocking=True) for t in (weak, strong))
+            if cuda:
+                weak, strong = (t.contiguous(memory_format=torch.channels_last) for t in (weak, strong))
             with torch.no_grad():  # the weak view only makes targets: no graph, no backward
                 probs = (model if args.teacher == 'live' else ema_model)(weak).float().softmax(dim=1)
-            pseudo, mask = threshold(probs, index.to(device, non_blocking=True))  # blocking, it would sync the GPU
+            pseudo, mask = threshold(probs, index.to(device, non_blocking=True))  # a blocking copy would sync
             logits = model(torch.cat([images, strong]))
             logits_x, logits_u = logits[:len(images)], logits[len(images):]
             loss_u = (F.cross_entropy(logits_u.float(), pseudo, reduction='none') * mask).mean()  # / (mu B)
