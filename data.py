@@ -35,16 +35,19 @@ class Augment:
     strong view (weak + RandAugment + Cutout). Both views are made from one decode. On 48-112 px faces the cost
     of a transform is mostly per-call overhead, so the weak view, the normalisation and Cutout are written out
     (torchvision's v2 transforms, same distributions) and RandAugment runs on PIL images, where it is faster
-    (python bench.py measures each stage)."""
+    (python bench.py measures each stage). grey=True turns every image grey (3 equal channels): a model trained on
+    grey labeled faces (FER2013) never sees colour, so colour unlabeled faces (LFW) would lie outside its domain."""
 
-    def __init__(self, img_size):
-        self.size, self.pad = img_size, img_size // 8
+    def __init__(self, img_size, grey=False):
+        self.size, self.pad, self.grey = img_size, img_size // 8, grey
         self.resize = v2.Resize((img_size, img_size), antialias=True)
         self.randaugment = v2.RandAugment(num_ops=2, magnitude=10)
         self.mean, self.std = (255 * torch.tensor(v).view(3, 1, 1) for v in (MEAN, STD))
 
     def decode(self, image):
         image = v2.functional.pil_to_tensor(image)
+        if self.grey:  # ITU-R 601 luma, as PIL's convert('L')
+            image = v2.functional.rgb_to_grayscale(image, num_output_channels=3)
         return image if list(image.shape[-2:]) == list(self.resize.size) else self.resize(image)
 
     def weak(self, image):

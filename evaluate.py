@@ -80,10 +80,10 @@ def format_table(metrics):
 # labeling images that have no labels: --predict, and the ABAW --submission
 
 
-def predict_sources(model, sources, img_size, device, autocast, batch_size, workers):
+def predict_sources(model, sources, config, device, autocast, batch_size, workers):
     """Class probabilities [N, C] (on the CPU) for image sources, anything formats.open_image reads, in order."""
     images = data.LabeledSet(sources, [0] * len(sources), [], 'images to label')  # labels unused by predict()
-    images.view = data.Augment(img_size).eval_view
+    images.view = data.Augment(config['img_size'], config.get('grey', False)).eval_view
     return predict(model, data.loader(images, batch_size, workers=workers), device, autocast)[0].cpu()
 
 
@@ -183,7 +183,7 @@ def main(argv=None):
         torch.autocast('cpu', enabled=False)
 
     def run(sources):
-        return predict_sources(model, sources, config['img_size'], device, autocast, args.batch_size, args.workers)
+        return predict_sources(model, sources, config, device, autocast, args.batch_size, args.workers)
 
     if args.predict:
         missing = [path for path in args.predict if not os.path.exists(path)]
@@ -204,7 +204,7 @@ def main(argv=None):
     dataset = data.load_labeled(args.data, args.split, args.format)
     if dataset.classes != classes:
         raise SystemExit(f'{args.data} has classes {dataset.classes}, the checkpoint was trained on {classes}')
-    dataset.view = data.Augment(config['img_size']).eval_view
+    dataset.view = data.Augment(config['img_size'], config.get('grey', False)).eval_view
     loader = data.loader(dataset, args.batch_size, workers=args.workers)
     metrics = evaluate(model, loader, device, classes, autocast)
     metrics.update(checkpoint=args.checkpoint, data=args.data, split=args.split, step=checkpoint['step'],

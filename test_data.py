@@ -47,6 +47,19 @@ def test_eval_view_is_exact_normalisation():
     assert torch.all(augment.eval_view(Image.new('RGB', (48, 48), (0, 0, 0))) == -1.0)
 
 
+def test_grey_views_are_the_luma_of_the_image_in_three_channels():
+    image = random_image(48, 48, seed=4)
+    grey = data.Augment(48, grey=True)
+    luma = torch.tensor(list(image.convert('L').tobytes()), dtype=torch.float32).view(1, 48, 48)
+    view = grey.eval_view(image)
+    assert view.shape == (3, 48, 48) and torch.equal(view[0], view[1]) and torch.equal(view[1], view[2])
+    assert (to_uint8(view[:1]).float() - luma).abs().max() <= 1  # PIL's integer luma rounds differently
+    torch.manual_seed(0)
+    for view in (grey.weak_view(image), *grey.two_views(image)):
+        assert torch.equal(view[0], view[1]) and torch.equal(view[1], view[2])  # RandAugment keeps it grey
+    assert not torch.equal(data.Augment(48).eval_view(image)[0], data.Augment(48).eval_view(image)[1])
+
+
 @pytest.mark.parametrize('size', [48, 112])
 def test_view_shapes_dtype_and_range(size):
     augment = data.Augment(size)

@@ -46,6 +46,8 @@ parser.add_argument('--reindex', action='store_true', help='rebuild the cached i
 parser.add_argument('--arch', default='resnet18', choices=ARCHS)
 parser.add_argument('--weights', help='local backbone state dict to start from (fc is replaced)')
 parser.add_argument('--img-size', type=int, default=48, help='input size in pixels (faces are resized to it)')
+parser.add_argument('--grey', action='store_true', help='turn every image grey: for grey labeled sets (FER2013) '
+                    'with colour unlabeled faces (LFW)')
 parser.add_argument('--steps', type=int, default=500)
 parser.add_argument('--batch-size', type=int, default=16, help='labeled images per step, per GPU')
 parser.add_argument('--mu', type=int, default=3, help='unlabeled images per labeled image')
@@ -60,7 +62,10 @@ parser.add_argument('--warmup', type=float, default=0.0,
 parser.add_argument('--balanced', action='store_true', help='class-balanced sampling of the labeled set')
 parser.add_argument('--teacher', default='live', choices=('live', 'ema'),
                     help='model that makes pseudo-labels: the live model (FixMatch) or its EMA (mean teacher)')
+parser.add_argument('--concat-step', action='store_true', help='one forward+backward on [labeled, weak, strong] '
+                    '(the common FixMatch step, with --teacher live), to compare with ours')
 parser.add_argument('--lr', type=float, default=0.03)
+parser.add_argument('--lr-warmup', type=int, default=0, help='steps of linear learning-rate warm-up')
 parser.add_argument('--weight-decay', type=float, default=5e-4)
 parser.add_argument('--ema', type=float, default=0.999, help='decay of the weight EMA used for evaluation')
 parser.add_argument('--eval-every', type=int, default=100)
@@ -115,9 +120,11 @@ if args.data is None:
     if args.unlabeled is None:
         args.unlabeled = [os.path.join(args.data, 'unlabeled')]
 semi = args.threshold != 'none'
+if args.concat_step and args.teacher != 'live':
+    sys.exit('--concat-step makes the targets in the live model\'s graph: it needs --teacher live')
 if semi and not args.unlabeled:
     sys.exit(f'--threshold {args.threshold} needs --unlabeled images (or use --threshold none)')
-augment = data.Augment(args.img_size)
+augment = data.Augment(args.img_size, args.grey)
 train_set = data.load_labeled(args.data, 'train', args.format)
 val_set = data.load_labeled(args.data, 'val', args.format)
 if val_set.classes != train_set.classes:
@@ -145,8 +152,9 @@ ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # eval mode: BN u
 decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
 optimizer = torch.optim.SGD([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0)],
                             lr=args.lr, momentum=0.9, nesterov=True)
-# FixMatch's cosine decay: lr * cos(7 pi k / 16 K)
-scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: math.cos(7 * math.pi * k / (16 * args.steps)))
+# FixMatch's cosine decay: lr * cos(7 pi k / 16 K), after an optional linear warm-up
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (args.lr_warmup + 1)) *
+                                              math.cos(7 * math.pi * k / (16 * args.steps)))
 scaler = torch.amp.GradScaler('cuda', enabled=cuda and amp_dtype == torch.float16)  # a no-op unless fp16
 threshold = {'dtm': lambda: DynamicThreshold(num_classes, args.dtm_momentum, args.dtm_min, args.tau),
              'fixed': lambda: FixedThreshold(num_classes, args.tau),
@@ -257,11 +265,15 @@ while step < args.steps:
             weak, strong = (t.to(device, non_blocking=True) for t in (weak, strong))
             if cuda:
                 weak, strong = (t.contiguous(memory_format=torch.channels_last) for t in (weak, strong))
-            with torch.no_grad():  # the weak view only makes targets: no graph, no backward
-                probs = (model if args.teacher == 'live' else ema_model)(weak).float().softmax(dim=1)
+            if args.concat_step:  # the common FixMatch step, for comparison: the weak view joins the graph
+                logits_x, logits_w, logits_u = model(torch.cat([images, weak, strong])).split(
+                    [len(images), len(weak), len(strong)])
+                probs = logits_w.detach().float().softmax(dim=1)
+            else:
+                with torch.no_grad():  # the weak view only makes targets: no graph, no backward
+                    probs = (model if args.teacher == 'live' else ema_model)(weak).float().softmax(dim=1)
+                logits_x, logits_u = model(torch.cat([images, strong])).split([len(images), len(strong)])
             pseudo, mask = threshold(probs, index.to(device, non_blocking=True))  # a blocking copy would sync
-            logits = model(torch.cat([images, strong]))
-            logits_x, logits_u = logits[:len(images)], logits[len(images):]
             loss_u = (F.cross_entropy(logits_u.float(), pseudo, reduction='none') * mask).mean()  # / (mu B)
         else:
             logits_x, loss_u = model(images), torch.zeros((), device=device)
