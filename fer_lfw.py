@@ -184,6 +184,21 @@ def spread(values):
                 min=min(values), max=max(values))
 
 
+def method_name(group, config, groups):
+    """The protocol's name for its rows; for another run (a variant), the name of its method and the settings in
+    which it differs from the protocol's row of that method and unlabeled set."""
+    if group in ROWS:
+        return ROWS[group][0]
+    pools = tuple(os.path.basename(p.rstrip('/')) for p in config.get('unlabeled') or [])
+    base = next((g for g, (_, t, _, p) in ROWS.items() if t == config['threshold'] and p == pools and g in groups), None)
+    if base is None:
+        return config['threshold']
+    reference = groups[base][0]['config']
+    changed = [f'{k}={config[k]}' for k in config if k not in ('seed', 'out', 'resume', 'workers')
+               and config[k] != reference.get(k)]
+    return f'{ROWS[base][0]}, {" ".join(changed)}'
+
+
 def table(args):
     groups = {}
     for path in sorted(glob.glob(os.path.join(args.runs, '*', 'log.jsonl'))):
@@ -199,7 +214,7 @@ def table(args):
         differ = {k for r in runs for k, v in r['config'].items()  # seeds of one row must differ only in the seed
                   if k not in ('seed', 'out', 'resume', 'workers') and v != config.get(k)}
         pools = [os.path.basename(p.rstrip('/')) for p in config.get('unlabeled') or []]
-        rows.append(dict(run=group, method=ROWS.get(group, (config['threshold'],))[0], threshold=config['threshold'],
+        rows.append(dict(run=group, method=method_name(group, config, groups), threshold=config['threshold'],
                          labeled=runs[0]['labeled'],
                          unlabeled=f'{" + ".join(pools)} ({runs[0]["unlabeled"]})' if runs[0]['unlabeled'] else '-',
                          seeds=[r['seed'] for r in runs], finished=sum(r['finished'] for r in runs),

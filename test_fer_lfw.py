@@ -1,0 +1,108 @@
+"""fer_lfw.py: the real-faces protocol's split (exact, stratified, repeatable) and its results table, on small tars
+in the shared data's layout and on hand-written logs."""
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+COUNTS = {'angry': 40, 'disgust': 5, 'happy': 25}  # 10%: 4, 0.5 -> 1 (halves round up), 2.5 -> 3
+
+
+def run(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'fer_lfw.py'), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def add_image(tar, name, size, mode):
+    buffer = io.BytesIO()
+    Image.new(mode, (size, size), 128).save(buffer, format='PNG' if mode == 'L' else 'JPEG')
+    info = tarfile.TarInfo(name)
+    info.size = buffer.tell()
+    buffer.seek(0)
+    tar.addfile(info, buffer)
+
+
+@pytest.fixture
+def shared(tmp_path):
+    folder = tmp_path / 'shared'
+    folder.mkdir()
+    with tarfile.open(folder / 'fer2013.tar', 'w') as tar:
+        for c, n in COUNTS.items():
+            for i in range(n):
+                add_image(tar, f'fer2013/train/{c}/Training_{i:05d}.png', 48, 'L')
+            for i in range(3):
+                add_image(tar, f'fer2013/val/{c}/PublicTest_{i:05d}.png', 48, 'L')
+    with tarfile.open(folder / 'lfw112.tar', 'w') as tar:
+        for person in ('Ann_A', 'Bob_B'):
+            for i in range(2):
+                add_image(tar, f'lfw112/{person}/{person}_{i + 1:04d}.jpg', 112, 'RGB')
+    return folder
+
+
+def test_prepare_builds_an_exact_repeatable_split(shared, tmp_path):
+    work = str(tmp_path / 'work')
+    result = run('prepare', '--shared', str(shared), '--work', work, '--runs', 'runs/x', '--steps', '7')
+    assert result.returncode == 0, result.stderr
+    labeled = {c: sorted(os.listdir(os.path.join(work, 'labeled10', 'train', c))) for c in COUNTS}
+    assert {c: len(v) for c, v in labeled.items()} == {'angry': 4, 'disgust': 1, 'happy': 3}
+    rest = {c: sorted(os.listdir(os.path.join(work, 'rest90', c))) for c in COUNTS}
+    for c, n in COUNTS.items():
+        assert not set(labeled[c]) & set(rest[c]) and len(labeled[c]) + len(rest[c]) == n
+        assert os.path.samefile(os.path.join(work, 'labeled10', 'train', c, labeled[c][0]),
+                                os.path.join(work, 'fer2013', 'train', c, labeled[c][0]))
+    listing = open(os.path.join(work, 'labeled10', 'split.txt')).read().splitlines()
+    assert listing[1:] == [f'{c}/{name}' for c in COUNTS for name in labeled[c]]
+    commands = [line for line in result.stdout.splitlines() if line.startswith('python train.py')]
+    assert len(commands) == 2 * 10  # 2 seeds x (sup10, 4 methods x 2 pools, sup100)
+    assert all('--grey' in c and '--steps 7' in c for c in commands)
+    assert sum(f'--unlabeled {work}/lfw112 {work}/rest90 ' in c for c in commands) == 2 * 4
+
+    again = run('prepare', '--shared', str(shared), '--work', work)  # idempotent
+    assert again.returncode == 0, again.stderr
+    assert open(os.path.join(work, 'labeled10', 'split.txt')).read().splitlines() == listing
+    other = run('prepare', '--shared', str(shared), '--work', work, '--seed', '1')  # never swaps a split
+    assert other.returncode != 0 and 'holds another split' in other.stderr
+    fresh = run('prepare', '--shared', str(shared), '--work', str(tmp_path / 'work2'))  # repeatable elsewhere
+    assert open(tmp_path / 'work2' / 'labeled10' / 'split.txt').read().splitlines() == listing, fresh.stderr
+
+
+def write_log(folder, threshold, seed, f1s, accuracies, unlabeled=(), **config):
+    os.makedirs(folder)
+    config = dict(dict(threshold=threshold, seed=seed, unlabeled=list(unlabeled), batch_size=16, mu=3, balanced=False,
+                       out=str(folder)), **config)
+    records = [dict(event='start', step=0, config=config, labeled=2873, unlabeled=13233 if unlabeled else 0,
+                    time=1000.0)]
+    for i, (f1, acc) in enumerate(zip(f1s, accuracies)):
+        records.append(dict(event='eval', step=100 * (i + 1), macro_f1=f1, accuracy=acc, time=1000.0 + 60 * (i + 1)))
+    records.append(dict(event='end', step=100 * len(f1s), time=1000.0 + 60 * len(f1s)))
+    with open(os.path.join(folder, 'log.jsonl'), 'w') as f:
+        f.write(''.join(json.dumps(r) + '\n' for r in records))
+
+
+def test_table_reports_the_best_checkpoint_mean_and_spread_over_seeds(tmp_path):
+    runs = tmp_path / 'runs'
+    write_log(runs / 'sup10_s0', 'none', 0, [0.20, 0.30], [0.40, 0.35])
+    write_log(runs / 'sup10_s1', 'none', 1, [0.25, 0.22], [0.41, 0.50])
+    write_log(runs / 'dtm_lfw_s0', 'dtm', 0, [0.31, 0.36], [0.45, 0.47], unlabeled=['x/lfw112'])
+    write_log(runs / 'dtm_lfw_balanced_s0', 'dtm', 0, [0.40], [0.50], unlabeled=['x/lfw112'], balanced=True)
+    result = run('table', '--runs', str(runs))
+    assert result.returncode == 0, result.stderr
+    rows = {r['run']: r for r in json.load(open(runs / 'results.json'))}
+    assert list(rows) == ['sup10', 'dtm_lfw', 'dtm_lfw_balanced']  # the protocol's order, then the variants
+    sup = rows['sup10']
+    assert sup['macro_f1']['mean'] == pytest.approx(0.275) and sup['macro_f1']['std'] == pytest.approx(
+        statistics.stdev([0.30, 0.25]))
+    assert sup['accuracy']['mean'] == pytest.approx((0.35 + 0.41) / 2)  # the accuracy of the best-F1 checkpoint
+    assert sup['minutes']['mean'] == pytest.approx(2.0) and sup['seeds'] == [0, 1] and sup['finished'] == 2
+    assert rows['dtm_lfw']['method'] == 'DTM' and rows['dtm_lfw']['macro_f1']['std'] == 0.0
+    assert rows['dtm_lfw_balanced']['method'] == 'DTM, balanced=True'
+    csv = open(runs / 'results.csv').read().splitlines()
+    assert csv[0].startswith('run,method') and len(csv) == 4
+    assert '| sup10 | supervised |' in open(runs / 'results.md').read()
