@@ -130,3 +130,26 @@ class FreeMatchThreshold(FixedThreshold):
         count = stats[-1]
         self.tau.lerp_(stats[0] / count, 1 - self.momentum)
         self.p_model.lerp_(stats[1:-1] / count, 1 - self.momentum)
+
+
+class DistributionAlignment(nn.Module):
+    """ReMixMatch's distribution alignment, for any of the thresholds above (apply it to probs before them):
+        p_model <- m * p_model + (1 - m) * mean_b q_b        q~_b = normalize(q_b * p_target(c) / p_model(c))
+    A model that calls most unlabeled faces one class (faces unlike its labeled ones: colour, pose, framing) has that
+    class scaled down until its pseudo-labels mix like p_target (the labeled class prior), so self-training cannot
+    feed on one class. p_model starts at p_target; updated in train mode only; all-reduced under torch.distributed."""
+
+    def __init__(self, target, momentum=0.99):
+        super().__init__()
+        self.momentum = momentum
+        target = torch.as_tensor(target, dtype=torch.float32)
+        self.register_buffer('target', target / target.sum())
+        self.register_buffer('p_model', self.target.clone())
+
+    def forward(self, probs):
+        probs = probs.detach().float()
+        if self.training:
+            stats = all_reduce_sum(torch.cat([probs.sum(dim=0), probs.new_full((1,), len(probs))]))
+            self.p_model.lerp_(stats[:-1] / stats[-1], 1 - self.momentum)
+        aligned = probs * (self.target / self.p_model.clamp(min=1e-6))
+        return aligned / aligned.sum(dim=1, keepdim=True)
