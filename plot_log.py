@@ -3,9 +3,11 @@ Per-class pseudo-label thresholds and acceptance rates of a training run, drawn 
 
     python plot_log.py runs/x/log.jsonl -o dtm.png
 
-Top: the threshold T(c) of each class at each logged step. Bottom: the share of the unlabeled images predicted as
+Top: the threshold T(c) of each class at each logged step. Middle: the share of the unlabeled images predicted as
 class c in each logging interval whose pseudo-label was accepted (conf >= T(c)); 'all' is the overall mask rate.
-An interval in which a class was never predicted has no rate: its line breaks there.
+An interval in which a class was never predicted has no rate: its line breaks there. Bottom: the class mix of the
+accepted pseudo-labels (the share of class c among all accepted in the interval): where one line sits near 1,
+self-training is feeding on one class.
 """
 import argparse
 import json
@@ -14,7 +16,7 @@ import math
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#17becf', '#bcbd22', '#7f7f7f']
-W, H, LEFT, RIGHT, TOP, GAP, BOTTOM = 1000, 720, 70, 170, 40, 70, 50  # canvas and margins, pixels
+W, H, LEFT, RIGHT, TOP, GAP, BOTTOM = 1000, 960, 70, 170, 40, 60, 50  # canvas and margins, pixels
 
 
 def nice_ticks(low, high, count=6):
@@ -71,24 +73,27 @@ def main():
     thresholds = [[r['thresholds'][c] for r in train] for c in range(len(classes))]
     rates = [[rate(r['accepted'][c], r['predicted'][c]) for r in train] for c in range(len(classes))]
     overall = [rate(sum(r['accepted']), sum(r['predicted'])) for r in train]
+    mix = [[rate(r['accepted'][c], sum(r['accepted'])) for r in train] for c in range(len(classes))]
 
     image = Image.new('RGB', (W, H), 'white')
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=14)
     colours = [COLOURS[c % len(COLOURS)] for c in range(len(classes))]
     x_range = (min(0, steps[0]), steps[-1])
-    height = (H - TOP - GAP - BOTTOM) // 2
-    top = (LEFT, TOP, W - RIGHT, TOP + height)
-    bottom = (LEFT, TOP + height + GAP, W - RIGHT, TOP + 2 * height + GAP)
+    height = (H - TOP - 2 * GAP - BOTTOM) // 3
+    top, middle, bottom = ((LEFT, TOP + i * (height + GAP), W - RIGHT, TOP + i * (height + GAP) + height)
+                           for i in range(3))
     config = start['config']
     panel(draw, font, top, x_range, [(k, 2, list(zip(steps, v))) for k, v in zip(colours, thresholds)],
           f'threshold T(c)   ({config["threshold"]}, {config.get("out", "")})')
-    panel(draw, font, bottom, x_range, [('#404040', 1, list(zip(steps, overall)))] +
+    panel(draw, font, middle, x_range, [('#404040', 1, list(zip(steps, overall)))] +
           [(k, 2, list(zip(steps, v))) for k, v in zip(colours, rates)],
           'accepted / predicted, per logging interval')
+    panel(draw, font, bottom, x_range, [(k, 2, list(zip(steps, v))) for k, v in zip(colours, mix)],
+          'class mix of the accepted pseudo-labels, per logging interval')
     draw.text(((LEFT + W - RIGHT) / 2, H - 12), 'step', fill='black', font=font, anchor='mb')
     # legend, right of the panels
-    for i, (name, colour) in enumerate(list(zip(classes, colours)) + [('all (bottom)', '#404040')]):
+    for i, (name, colour) in enumerate(list(zip(classes, colours)) + [('all (middle)', '#404040')]):
         y = TOP + 10 + 24 * i
         draw.line([(W - RIGHT + 15, y), (W - RIGHT + 45, y)], fill=colour, width=4 if i < len(classes) else 1)
         draw.text((W - RIGHT + 52, y), name, fill='black', font=font, anchor='lm')
