@@ -184,6 +184,16 @@ def spread(values):
                 min=min(values), max=max(values))
 
 
+def differs(key, config, reference):
+    """Whether two runs' configs differ in a setting that changes the result. A flag that an older train.py did not
+    have is missing from its log: it counts as equal when the other run left it off (False, None or 0)."""
+    if key in ('seed', 'out', 'resume', 'workers'):
+        return False
+    if key not in config or key not in reference:
+        return bool(config.get(key, reference.get(key)))
+    return config[key] != reference[key]
+
+
 def method_name(group, config, groups):
     """The protocol's name for its rows; for another run (a variant), the name of its method and the settings in
     which it differs from the protocol's row of that method and unlabeled set."""
@@ -194,8 +204,7 @@ def method_name(group, config, groups):
     if base is None:
         return config['threshold']
     reference = groups[base][0]['config']
-    changed = [f'{k}={config[k]}' for k in config if k not in ('seed', 'out', 'resume', 'workers')
-               and config[k] != reference.get(k)]
+    changed = [f'{k}={config[k]}' for k in config if differs(k, config, reference)]
     return f'{ROWS[base][0]}, {" ".join(changed)}'
 
 
@@ -211,8 +220,7 @@ def table(args):
     rows = []
     for group in [g for g in ROWS if g in groups] + sorted(set(groups) - set(ROWS)):  # the protocol's order first
         runs, config = groups[group], groups[group][0]['config']
-        differ = {k for r in runs for k, v in r['config'].items()  # seeds of one row must differ only in the seed
-                  if k not in ('seed', 'out', 'resume', 'workers') and v != config.get(k)}
+        differ = {k for r in runs for k in r['config'] if differs(k, r['config'], config)}  # only seeds may
         pools = [os.path.basename(p.rstrip('/')) for p in config.get('unlabeled') or []]
         rows.append(dict(run=group, method=method_name(group, config, groups), threshold=config['threshold'],
                          labeled=runs[0]['labeled'],

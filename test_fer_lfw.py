@@ -89,13 +89,14 @@ def write_log(folder, threshold, seed, f1s, accuracies, unlabeled=(), **config):
 def test_table_reports_the_best_checkpoint_mean_and_spread_over_seeds(tmp_path):
     runs = tmp_path / 'runs'
     write_log(runs / 'sup10_s0', 'none', 0, [0.20, 0.30], [0.40, 0.35])
-    write_log(runs / 'sup10_s1', 'none', 1, [0.25, 0.22], [0.41, 0.50])
+    write_log(runs / 'sup10_s1', 'none', 1, [0.25, 0.22], [0.41, 0.50], align=False)  # a flag s0's train.py lacked
     write_log(runs / 'dtm_lfw_s0', 'dtm', 0, [0.31, 0.36], [0.45, 0.47], unlabeled=['x/lfw112'])
     write_log(runs / 'dtm_lfw_balanced_s0', 'dtm', 0, [0.40], [0.50], unlabeled=['x/lfw112'], balanced=True)
+    write_log(runs / 'dtm_lfw_align_s0', 'dtm', 0, [0.33], [0.44], unlabeled=['x/lfw112'], align=True)
     result = run('table', '--runs', str(runs))
     assert result.returncode == 0, result.stderr
     rows = {r['run']: r for r in json.load(open(runs / 'results.json'))}
-    assert list(rows) == ['sup10', 'dtm_lfw', 'dtm_lfw_balanced']  # the protocol's order, then the variants
+    assert list(rows) == ['sup10', 'dtm_lfw', 'dtm_lfw_align', 'dtm_lfw_balanced']  # protocol order, then variants
     sup = rows['sup10']
     assert sup['macro_f1']['mean'] == pytest.approx(0.275) and sup['macro_f1']['std'] == pytest.approx(
         statistics.stdev([0.30, 0.25]))
@@ -103,6 +104,7 @@ def test_table_reports_the_best_checkpoint_mean_and_spread_over_seeds(tmp_path):
     assert sup['minutes']['mean'] == pytest.approx(2.0) and sup['seeds'] == [0, 1] and sup['finished'] == 2
     assert rows['dtm_lfw']['method'] == 'DTM' and rows['dtm_lfw']['macro_f1']['std'] == 0.0
     assert rows['dtm_lfw_balanced']['method'] == 'DTM, balanced=True'
+    assert rows['dtm_lfw_align']['method'] == 'DTM, align=True' and sup['config_differs'] == []
     csv = open(runs / 'results.csv').read().splitlines()
-    assert csv[0].startswith('run,method') and len(csv) == 4
+    assert csv[0].startswith('run,method') and len(csv) == 5
     assert '| sup10 | supervised |' in open(runs / 'results.md').read()
