@@ -4,6 +4,7 @@ Issue 4, "prove the method on real faces": FER2013 with 10% of its training labe
     python fer_lfw.py prepare [--work data/fer_lfw] [--seed 0]     extract the data, build the split, print the runs
     python fer_lfw.py prepare > runs.sh                             the same, as a shell script (notes are # comments)
     python fer_lfw.py table [--runs runs/fer_lfw]                   mean and spread over seeds, from the runs' logs
+    python fer_lfw.py probe runs/fer_lfw/sup10_s0/best.pt          what a model makes of the LFW faces
 
 Protocol. Labeled: a class-stratified 10% of fer2013/train, fixed by --seed (per class: file names sorted, a
 torch.randperm from one torch.Generator seeded once, classes in sorted order, the first round(10% of n) taken,
@@ -30,6 +31,7 @@ import tarfile
 
 import torch
 
+import formats
 from formats import IMAGE_EXTENSIONS
 
 PERCENT = 10  # labeled share of each class
@@ -267,6 +269,74 @@ def table(args):
     print(f'wrote {args.runs}/results.md, results.json, results.csv', file=sys.stderr)
 
 
+# -----------------------------------------------------------------------------
+# probe: what a trained model makes of the unlabeled faces
+
+
+def image_files(root):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def linear_probe_accuracy(features, labels, folds=5, generator=None):
+    """k-fold accuracy of a logistic regression (standardised features, L-BFGS, small L2) on binary labels."""
+    order = torch.randperm(len(labels), generator=generator)
+    correct = 0
+    for fold in order.chunk(folds):
+        train = torch.ones(len(labels), dtype=torch.bool)
+        train[fold] = False
+        mean, std = features[train].mean(0), features[train].std(0) + 1e-6
+        x, y = (features[train] - mean) / std, labels[train].float()
+        weight = torch.zeros(x.shape[1] + 1, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight], max_iter=200, line_search_fn='strong_wolfe')
+
+        def loss():
+            optimizer.zero_grad()
+            value = torch.nn.functional.binary_cross_entropy_with_logits(x @ weight[:-1] + weight[-1], y) + \
+                1e-3 * weight[:-1].square().sum()
+            value.backward()
+            return value
+        optimizer.step(loss)
+        with torch.no_grad():
+            logits = ((features[fold] - mean) / std) @ weight[:-1] + weight[-1]
+            correct += ((logits > 0).long() == labels[fold]).sum().item()
+    return correct / len(labels)
+
+
+def probe(args):
+    import data
+    import model
+    checkpoint = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
+    config, classes = checkpoint['config'], checkpoint['classes']
+    net = model.build_model(config['arch'], len(classes))
+    net.load_state_dict(checkpoint['ema_model'])
+    net.eval()
+    trunk = torch.nn.Sequential(*list(net.children())[:-1], torch.nn.Flatten())  # all but fc: the features
+    view = data.Augment(config['img_size'], config.get('grey', False)).eval_view
+    generator = torch.Generator().manual_seed(0)
+
+    def features(root):
+        files = image_files(root)
+        files = [files[i] for i in torch.randperm(len(files), generator=generator)[:args.images].tolist()]
+        with torch.no_grad():
+            return torch.cat([trunk(torch.stack([view(formats.open_image(f)) for f in files[i:i + 256]]))
+                              for i in range(0, len(files), 256)])
+    unlabeled, labeled = features(args.unlabeled), features(args.labeled)
+    probs = net.fc(unlabeled).softmax(dim=1).detach()
+    confidence, predicted = probs.max(dim=1)
+    mix = torch.bincount(predicted, minlength=len(classes)) / len(predicted)
+    accuracy = linear_probe_accuracy(torch.cat([unlabeled, labeled]), torch.cat(
+        [torch.ones(len(unlabeled)), torch.zeros(len(labeled))]).long(), generator=generator)
+    result = dict(checkpoint=args.checkpoint, step=checkpoint['step'], images=len(unlabeled),
+                  predicted_mix=dict(zip(classes, mix.tolist())), mean_confidence=confidence.mean().item(),
+                  confident_0_7=(confidence >= 0.7).float().mean().item(), domain_probe_accuracy=accuracy)
+    print(f'{args.checkpoint} (step {result["step"]}), {len(unlabeled)} images of {args.unlabeled}:')
+    print('  predicted class mix: ' + ', '.join(f'{c} {v:.2f}' for c, v in result['predicted_mix'].items()))
+    print(f'  mean confidence {result["mean_confidence"]:.2f}; confidence >= 0.7: {result["confident_0_7"]:.2f}')
+    print(f'  {args.unlabeled} vs {args.labeled}, linear probe on the features, 5-fold accuracy: {accuracy:.3f} '
+          f'(0.5: the model cannot tell the two apart)')
+    print(json.dumps(result))
+
+
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -287,8 +357,11 @@ if __name__ == '__main__':
     p.add_argument('--extra', default='', help='more train.py arguments, appended to every command')
     t = sub.add_parser('table', help='results table from RUNS/*/log.jsonl')
     t.add_argument('--runs', default='runs/fer_lfw')
+    r = sub.add_parser('probe', help='a checkpoint on the unlabeled faces: predicted class mix, confidence, and a '
+                       'linear probe of labeled vs unlabeled faces on its features')
+    r.add_argument('checkpoint')
+    r.add_argument('--unlabeled', default='data/fer_lfw/lfw112')
+    r.add_argument('--labeled', default='data/fer_lfw/fer2013/val')
+    r.add_argument('--images', type=int, default=800, help='images drawn from each')
     args = parser.parse_args()
-    if args.command == 'prepare':
-        prepare(args)
-    else:
-        table(args)
+    {'prepare': prepare, 'table': table, 'probe': probe}[args.command](args)

@@ -108,3 +108,15 @@ def test_table_reports_the_best_checkpoint_mean_and_spread_over_seeds(tmp_path):
     csv = open(runs / 'results.csv').read().splitlines()
     assert csv[0].startswith('run,method') and len(csv) == 5
     assert '| sup10 | supervised |' in open(runs / 'results.md').read()
+
+
+def test_linear_probe_tells_apart_only_what_differs():
+    import torch
+
+    import fer_lfw
+    generator = torch.Generator().manual_seed(0)
+    same = torch.randn(400, 16, generator=generator)
+    labels = torch.arange(400) % 2
+    assert abs(fer_lfw.linear_probe_accuracy(same, labels, generator=generator) - 0.5) < 0.1
+    shifted = same + labels[:, None] * torch.tensor([1.5] + [0.0] * 15)  # one feature differs by 1.5 sigma
+    assert fer_lfw.linear_probe_accuracy(shifted, labels, generator=generator) > 0.7
