@@ -11,6 +11,8 @@ torch.randperm from one torch.Generator seeded once, classes in sorted order, th
 halves rounded up); the list is written to WORK/labeled10/split.txt, never to git. Validation: fer2013/val.
 Unlabeled: the 13,233 LFW faces (lfw112), or LFW plus the other 90% of fer2013/train with its labels dropped.
 Methods: supervised only, FixMatch, FlexMatch, FreeMatch, DTM; reference: supervised on 100% of the labels.
+Every run the same: ResNet-18 at 48 px, every image grey (--grey), B=16, mu=3, 1,500 steps, lr 0.01 after 100
+warm-up steps (chosen on supervised-only validation runs); only --threshold and the data differ.
 Everything in WORK is symlinks into the two extracted tars, nothing is copied:
     WORK/fer2013/, WORK/lfw112/                 the tars of ../shared/data, extracted once
     WORK/labeled10/train/<class>/  val -> ../fer2013/val      ImageFolder: the 10%
@@ -92,6 +94,10 @@ def link_tree(target_root, tree, dest):
     os.rename(tmp, dest)
 
 
+def image_files(root):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def link(target, path):
     if not os.path.lexists(path):
         os.symlink(os.path.relpath(target, os.path.dirname(path)), path)
@@ -128,7 +134,7 @@ def prepare(args):
     link(train, os.path.join(work, 'full', 'train'))
     link(os.path.join(work, 'fer2013', 'val'), os.path.join(work, 'full', 'val'))
 
-    lfw = sum(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, fs in os.walk(os.path.join(work, 'lfw112')) for f in fs)
+    lfw = len(image_files(os.path.join(work, 'lfw112')))
     n = {c: len(v) for c, v in chosen.items()}
     print(f'# labeled10: {sum(n.values())} of {sum(map(len, files.values()))} train images: ' +
           ', '.join(f'{c} {k}/{len(files[c])}' for c, k in n.items()))
@@ -271,10 +277,6 @@ def table(args):
 
 # -----------------------------------------------------------------------------
 # probe: what a trained model makes of the unlabeled faces
-
-
-def image_files(root):
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def linear_probe_accuracy(features, labels, folds=5, generator=None):

@@ -60,7 +60,7 @@ parser.add_argument('--lambda-u', type=float, default=1.0, help='weight of the u
 parser.add_argument('--warmup', type=float, default=0.0,
                     help='ramp lambda_u up linearly over this fraction of the steps (0: from the start)')
 parser.add_argument('--align', action='store_true', help='distribution alignment of the weak-view probabilities '
-                    'to the labeled class prior, before the threshold (ReMixMatch; dtm.DistributionAlignment)')
+                    'to the labeled class prior, before the threshold (ReMixMatch; momentum --dtm-momentum)')
 parser.add_argument('--balanced', action='store_true', help='class-balanced sampling of the labeled set')
 parser.add_argument('--teacher', default='live', choices=('live', 'ema'),
                     help='model that makes pseudo-labels: the live model (FixMatch) or its EMA (mean teacher)')
