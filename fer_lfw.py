@@ -12,7 +12,8 @@ halves rounded up); the list is written to WORK/labeled10/split.txt, never to gi
 Unlabeled: the 13,233 LFW faces (lfw112), or LFW plus the other 90% of fer2013/train with its labels dropped.
 Methods: supervised only, FixMatch, FlexMatch, FreeMatch, DTM; reference: supervised on 100% of the labels.
 Every run the same: ResNet-18 at 48 px, every image grey (--grey), B=16, mu=3, 1,500 steps, lr 0.01 after 100
-warm-up steps (chosen on supervised-only validation runs); only --threshold and the data differ.
+warm-up steps (chosen on supervised-only validation runs), --own-bn (the LFW faces normalised by their own batch
+statistics, the running ones kept for FER2013); only --threshold and the data differ.
 Everything in WORK is symlinks into the two extracted tars, nothing is copied:
     WORK/fer2013/, WORK/lfw112/                 the tars of ../shared/data, extracted once
     WORK/labeled10/train/<class>/  val -> ../fer2013/val      ImageFolder: the 10%
@@ -140,8 +141,9 @@ def prepare(args):
           ', '.join(f'{c} {k}/{len(files[c])}' for c, k in n.items()))
     print(f'# split sha256 {hashlib.sha256(listing.encode()).hexdigest()[:16]} ({split_file})')
     print(f'# rest90: {sum(map(len, rest.values()))} images; lfw112: {lfw} images; val: fer2013/val')
-    # --grey: FER2013 is grey, LFW colour (a colour face is outside the domain of a model that saw only grey ones)
-    common = (f'--grey --img-size {args.img_size} --steps {args.steps} --batch-size {args.batch_size} --mu {args.mu} '
+    # --grey: FER2013 is grey, LFW colour (a colour face is outside the domain of a model that saw only grey ones);
+    # --own-bn: batch statistics mixed from both domains bias the model towards one class on LFW (README)
+    common = (f'--grey --own-bn --img-size {args.img_size} --steps {args.steps} --batch-size {args.batch_size} --mu {args.mu} '
               f'--lr {args.lr} --lr-warmup {args.lr_warmup} --eval-every {args.eval_every} --save-every {args.eval_every}')
     common += f' --workers {args.workers}' if args.workers is not None else ''
     common += f' {args.extra}' if args.extra else ''
@@ -212,7 +214,8 @@ def method_name(group, config, groups):
     if base is None:
         return config['threshold']
     reference = groups[base][0]['config']
-    changed = [f'{k}={config[k]}' for k in config if differs(k, config, reference)]
+    keys = {**reference, **config}  # a flag either run's train.py lacked counts as left off
+    changed = [f'{k}={config.get(k, False)}' for k in keys if differs(k, config, reference)]
     return f'{ROWS[base][0]}, {" ".join(changed)}'
 
 

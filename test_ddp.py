@@ -57,7 +57,7 @@ def torchrun(tmp, faces, *args, **env):
 @pytest.fixture(scope='module')
 def ddp_run(faces, tmp_path_factory):
     tmp = tmp_path_factory.mktemp('ddp')
-    result = torchrun(tmp, faces, '--steps', '4')
+    result = torchrun(tmp, faces, '--steps', '4', '--own-bn')  # two forwards with a graph, one backward
     assert result.returncode == 0, result.stdout + result.stderr
     return tmp
 

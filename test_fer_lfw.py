@@ -61,7 +61,7 @@ def test_prepare_builds_an_exact_repeatable_split(shared, tmp_path):
     assert listing[1:] == [f'{c}/{name}' for c in COUNTS for name in labeled[c]]
     commands = [line for line in result.stdout.splitlines() if line.startswith('python train.py')]
     assert len(commands) == 2 * 10  # 2 seeds x (sup10, 4 methods x 2 pools, sup100)
-    assert all('--grey' in c and '--steps 7' in c for c in commands)
+    assert all('--grey --own-bn' in c and '--steps 7' in c for c in commands)
     assert sum(f'--unlabeled {work}/lfw112 {work}/rest90 ' in c for c in commands) == 2 * 4
 
     again = run('prepare', '--shared', str(shared), '--work', work)  # idempotent
@@ -90,13 +90,16 @@ def test_table_reports_the_best_checkpoint_mean_and_spread_over_seeds(tmp_path):
     runs = tmp_path / 'runs'
     write_log(runs / 'sup10_s0', 'none', 0, [0.20, 0.30], [0.40, 0.35])
     write_log(runs / 'sup10_s1', 'none', 1, [0.25, 0.22], [0.41, 0.50], align=False)  # a flag s0's train.py lacked
-    write_log(runs / 'dtm_lfw_s0', 'dtm', 0, [0.31, 0.36], [0.45, 0.47], unlabeled=['x/lfw112'])
-    write_log(runs / 'dtm_lfw_balanced_s0', 'dtm', 0, [0.40], [0.50], unlabeled=['x/lfw112'], balanced=True)
-    write_log(runs / 'dtm_lfw_align_s0', 'dtm', 0, [0.33], [0.44], unlabeled=['x/lfw112'], align=True)
+    write_log(runs / 'dtm_lfw_s0', 'dtm', 0, [0.31, 0.36], [0.45, 0.47], unlabeled=['x/lfw112'], own_bn=True)
+    write_log(runs / 'dtm_lfw_balanced_s0', 'dtm', 0, [0.40], [0.50], unlabeled=['x/lfw112'], balanced=True,
+              own_bn=True)
+    write_log(runs / 'dtm_lfw_align_s0', 'dtm', 0, [0.33], [0.44], unlabeled=['x/lfw112'], align=True, own_bn=True)
+    write_log(runs / 'dtm_lfw_mixedbn_s0', 'dtm', 0, [0.30], [0.40], unlabeled=['x/lfw112'])  # before --own-bn
     result = run('table', '--runs', str(runs))
     assert result.returncode == 0, result.stderr
     rows = {r['run']: r for r in json.load(open(runs / 'results.json'))}
-    assert list(rows) == ['sup10', 'dtm_lfw', 'dtm_lfw_align', 'dtm_lfw_balanced']  # protocol order, then variants
+    assert list(rows) == ['sup10', 'dtm_lfw', 'dtm_lfw_align', 'dtm_lfw_balanced', 'dtm_lfw_mixedbn']  # protocol
+    # order, then the variants
     sup = rows['sup10']
     assert sup['macro_f1']['mean'] == pytest.approx(0.275) and sup['macro_f1']['std'] == pytest.approx(
         statistics.stdev([0.30, 0.25]))
@@ -105,8 +108,9 @@ def test_table_reports_the_best_checkpoint_mean_and_spread_over_seeds(tmp_path):
     assert rows['dtm_lfw']['method'] == 'DTM' and rows['dtm_lfw']['macro_f1']['std'] == 0.0
     assert rows['dtm_lfw_balanced']['method'] == 'DTM, balanced=True'
     assert rows['dtm_lfw_align']['method'] == 'DTM, align=True' and sup['config_differs'] == []
+    assert rows['dtm_lfw_mixedbn']['method'] == 'DTM, own_bn=False'  # a flag only the protocol's row has
     csv = open(runs / 'results.csv').read().splitlines()
-    assert csv[0].startswith('run,method') and len(csv) == 5
+    assert csv[0].startswith('run,method') and len(csv) == 6
     assert '| sup10 | supervised |' in open(runs / 'results.md').read()
 
 

@@ -95,3 +95,29 @@ def test_grey_concat_step_and_lr_warmup(tmp_path):
     assert json.load(open(tmp_path / 'metrics.json'))['confusion'] == evaluation['confusion']
     assert run('train.py', '--data', data, '--unlabeled', data, '--concat-step', '--teacher', 'ema', '--out',
                str(tmp_path / 'bad')).returncode != 0
+
+
+def test_own_bn_leaves_running_statistics_to_labeled_images(tmp_path):
+    """With --own-bn the BN running statistics (what evaluation uses) come from the labeled batches alone: at lr 0 a
+    semi-supervised run ends with exactly the running statistics of a supervised one on the same labeled stream,
+    although its unlabeled faces (white) look nothing like the labeled ones. Without --own-bn they differ."""
+    data = str(tmp_path / 'tints')
+    write_set(data, dict(train=4, val=4), torch.Generator().manual_seed(2))
+    os.makedirs(tmp_path / 'white' / 'x')
+    for i in range(8):
+        Image.new('RGB', (32, 32), (255, 255, 255)).save(tmp_path / 'white' / 'x' / f'{i}.png')
+
+    def running_statistics(name, *flags):
+        out = str(tmp_path / name)
+        result = run('train.py', '--data', data, '--steps', '4', '--batch-size', '4', '--mu', '2', '--img-size', '32',
+                     '--workers', '1', '--lr', '0', '--eval-every', '4', '--out', out, *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        state = torch.load(os.path.join(out, 'last.pt'), map_location='cpu', weights_only=True)['model']
+        return {k: v for k, v in state.items() if k.endswith(('running_mean', 'running_var'))}
+
+    supervised = running_statistics('sup', '--threshold', 'none')
+    semi = ('--unlabeled', str(tmp_path / 'white'), '--dtm-min', '0')
+    own, mixed = running_statistics('own', *semi, '--own-bn'), running_statistics('mixed', *semi)
+    assert own.keys() == supervised.keys() and len(own) == 2 * 20  # ResNet-18: 20 BN layers
+    assert all(torch.equal(own[k], supervised[k]) for k in own)
+    assert not torch.equal(mixed['bn1.running_mean'], supervised['bn1.running_mean'])

@@ -18,7 +18,7 @@ import platform
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import PIL
 import torch
@@ -64,6 +64,8 @@ parser.add_argument('--align', action='store_true', help='distribution alignment
 parser.add_argument('--balanced', action='store_true', help='class-balanced sampling of the labeled set')
 parser.add_argument('--teacher', default='live', choices=('live', 'ema'),
                     help='model that makes pseudo-labels: the live model (FixMatch) or its EMA (mean teacher)')
+parser.add_argument('--own-bn', action='store_true', help='unlabeled views pass through batch norm with their own '
+                    'batch statistics and leave the running statistics (used at evaluation) to the labeled batches')
 parser.add_argument('--concat-step', action='store_true', help='one forward+backward on [labeled, weak, strong] '
                     '(the common FixMatch step, with --teacher live), to compare with ours')
 parser.add_argument('--lr', type=float, default=0.03)
@@ -122,8 +124,9 @@ if args.data is None:
     if args.unlabeled is None:
         args.unlabeled = [os.path.join(args.data, 'unlabeled')]
 semi = args.threshold != 'none'
-if args.concat_step and args.teacher != 'live':
-    sys.exit('--concat-step makes the targets in the live model\'s graph: it needs --teacher live')
+if args.concat_step and (args.teacher != 'live' or args.own_bn):
+    sys.exit('--concat-step makes the targets in the live model\'s graph and normalises all views together: it needs '
+             '--teacher live and no --own-bn')
 if semi and not args.unlabeled:
     sys.exit(f'--threshold {args.threshold} needs --unlabeled images (or use --threshold none)')
 augment = data.Augment(args.img_size, args.grey)
@@ -185,6 +188,24 @@ if ddp:
     model = DDP(model, device_ids=[device] if cuda else None)
 ema_params = [t for t in ema_model.state_dict().values() if t.is_floating_point()]
 model_params = [t for t in raw_model.state_dict().values() if t.is_floating_point()]
+
+
+batch_norms = [m for m in raw_model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def unlabeled_batch_norm():
+    """With --own-bn, a forward of unlabeled faces normalises them by their own batch statistics (so the labeled
+    and the unlabeled domain each reach the classifier standardised, as in AdaBN) and leaves the running statistics,
+    which evaluation uses, to the labeled images: momentum 0 keeps running = (1 - 0) running + 0 batch."""
+    saved = [m.momentum for m in batch_norms]
+    for m in batch_norms:
+        m.momentum = 0.0 if args.own_bn else m.momentum
+    try:
+        yield
+    finally:
+        for m, momentum in zip(batch_norms, saved):
+            m.momentum = momentum
 
 
 @torch.no_grad()
@@ -278,9 +299,14 @@ while step < args.steps:
                     [len(images), len(weak), len(strong)])
                 probs = logits_w.detach().float().softmax(dim=1)
             else:
-                with torch.no_grad():  # the weak view only makes targets: no graph, no backward
+                with torch.no_grad(), unlabeled_batch_norm():  # the weak view only makes targets: no graph
                     probs = (model if args.teacher == 'live' else ema_model)(weak).float().softmax(dim=1)
-                logits_x, logits_u = model(torch.cat([images, strong])).split([len(images), len(strong)])
+                if args.own_bn:
+                    logits_x = model(images)
+                    with unlabeled_batch_norm():
+                        logits_u = model(strong)
+                else:
+                    logits_x, logits_u = model(torch.cat([images, strong])).split([len(images), len(strong)])
             pseudo, mask = threshold(align(probs), index.to(device, non_blocking=True))  # a blocking copy would sync
             loss_u = (F.cross_entropy(logits_u.float(), pseudo, reduction='none') * mask).mean()  # / (mu B)
         else:
