@@ -4,11 +4,14 @@ Dynamic Threshold Module (DTM): per-class, adaptive confidence thresholds for ps
 For an unlabeled batch with weak-view class probabilities q_b (no gradient):
     pseudo_b = argmax_c q_b(c)            conf_b = max_c q_b(c)
     kappa(c) <- m * kappa(c) + (1 - m) * mean{ conf_b : pseudo_b = c }   for each class c seen in the batch
-    T(c)      = clip(kappa(c), T_min, T_max)
+    T(c)      = clip(kappa(c), T_min, T_max)                  or, relative=True:
+    T(c)      = clip(T_max * kappa(c) / max_c kappa(c), T_min, T_max)
     mask_b    = [conf_b >= T(pseudo_b)]
 kappa starts at 1/C, so early in training thresholds are low and many pseudo-labels are used; they rise as the
 model grows confident, and classes it finds hard (or rarely predicts) keep lower thresholds, so they are not
-starved of pseudo-labels. The statistics are updated in train mode only, from the current batch, before masking.
+starved of pseudo-labels. relative=True scales kappa so the class the model is surest of always has T_max and the
+others sit below it in proportion: on faces unlike the labeled ones, where every kappa stays under T_min and the
+plain form is one fixed threshold, one class cannot flood the unlabeled loss. The statistics are updated in train mode only, from the current batch, before masking.
 Under torch.distributed the per-class sums and counts are all-reduced, so every rank holds the same thresholds.
 
 FixedThreshold (FixMatch), FlexMatchThreshold and FreeMatchThreshold share the interface, for comparison.
@@ -57,15 +60,18 @@ class FixedThreshold(nn.Module):
 
 
 class DynamicThreshold(FixedThreshold):
-    """DTM: T(c) = clip(kappa(c), T_min, T_max), kappa(c) = EMA of the mean confidence of predictions of class c."""
+    """DTM: T(c) = clip(kappa(c), T_min, T_max), kappa(c) = EMA of the mean confidence of predictions of class c;
+    relative=True: T(c) = clip(T_max * kappa(c) / max kappa, T_min, T_max)."""
 
-    def __init__(self, num_classes, momentum=0.99, min_threshold=0.7, max_threshold=0.95):
+    def __init__(self, num_classes, momentum=0.99, min_threshold=0.7, max_threshold=0.95, relative=False):
         super().__init__(num_classes, max_threshold)
         self.momentum, self.min_threshold, self.max_threshold = momentum, min_threshold, max_threshold
+        self.relative = relative
         self.register_buffer('kappa', torch.full((num_classes,), 1.0 / num_classes))
 
     def threshold(self):
-        return self.kappa.clamp(self.min_threshold, self.max_threshold)
+        kappa = self.max_threshold * self.kappa / self.kappa.max() if self.relative else self.kappa
+        return kappa.clamp(self.min_threshold, self.max_threshold)
 
     def update(self, confidence, pseudo, probs, index):
         # per-class sum and count of confidences in this batch, summed over ranks

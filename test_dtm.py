@@ -76,6 +76,23 @@ def test_dtm_one_step_by_hand():
     assert mask.dtype == torch.float32 and pseudo.dtype == torch.long
 
 
+def test_dtm_relative_by_hand():
+    """relative=True: T(c) = clip(T_max * kappa(c) / max kappa, T_min, T_max) on the same batch as above."""
+    dtm = DynamicThreshold(num_classes=3, momentum=0.5, min_threshold=0.4, max_threshold=0.95, relative=True)
+    close(dtm.threshold(), [0.95] * 3)  # all kappa equal at 1/C: every class is the surest one
+    pseudo, mask = dtm(BATCH)
+    kappa = torch.tensor([0.5 / 3 + 0.5 * 1.75 / 3, 0.5 / 3 + 0.4, 1 / 3])  # as in the plain DTM: 0.4583, 0.5667, 0.3333
+    close(dtm.kappa, kappa)
+    # T = clip(0.95 * kappa / 0.566667, 0.4, 0.95) = [0.768382, 0.95, 0.558824]
+    close(dtm.threshold(), [0.95 * 0.458333 / 0.566667, 0.95, 0.95 / 3 / 0.566667])
+    # class 0 confidences 0.70, 0.45, 0.60 all under 0.768; class 1's 0.80 under 0.95: nothing passes
+    assert mask.tolist() == [0.0, 0.0, 0.0, 0.0]
+    # next batch: kappa(1) = 0.5 * 0.566667 + 0.5 * 0.9 = 0.733333, kappa(2) = 0.5 / 3 + 0.5 * 0.7 = 0.516667, so
+    # T(1) = 0.95 rejects the surest class at 0.9, while T(2) = 0.95 * 0.516667 / 0.733333 = 0.669 accepts 0.7
+    _, mask = dtm(torch.tensor([[0.1, 0.9, 0.0], [0.1, 0.2, 0.7]]))
+    assert mask.tolist() == [0.0, 1.0]
+
+
 def test_dtm_two_steps_by_hand():
     dtm = DynamicThreshold(num_classes=3, momentum=0.9, min_threshold=0.05, max_threshold=0.95)
     dtm(BATCH)

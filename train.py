@@ -56,6 +56,8 @@ parser.add_argument('--threshold', default='dtm', choices=('dtm', 'fixed', 'flex
 parser.add_argument('--tau', type=float, default=0.95, help='fixed threshold (fixed, flexmatch) and DTM T_max')
 parser.add_argument('--dtm-momentum', type=float, default=0.99, help='EMA momentum m of the DTM (and FreeMatch)')
 parser.add_argument('--dtm-min', type=float, default=0.7, help='T_min: lowest DTM threshold')
+parser.add_argument('--dtm-relative', action='store_true', help='DTM thresholds T_max * kappa / max kappa: the class '
+                    'the model is surest of gets T_max, the others less in proportion (dtm.py)')
 parser.add_argument('--lambda-u', type=float, default=1.0, help='weight of the unlabeled loss')
 parser.add_argument('--warmup', type=float, default=0.0,
                     help='ramp lambda_u up linearly over this fraction of the steps (0: from the start)')
@@ -161,7 +163,7 @@ optimizer = torch.optim.SGD([dict(params=decay, weight_decay=args.weight_decay),
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (args.lr_warmup + 1)) *
                                               math.cos(7 * math.pi * k / (16 * args.steps)))
 scaler = torch.amp.GradScaler('cuda', enabled=cuda and amp_dtype == torch.float16)  # a no-op unless fp16
-threshold = {'dtm': lambda: DynamicThreshold(num_classes, args.dtm_momentum, args.dtm_min, args.tau),
+threshold = {'dtm': lambda: DynamicThreshold(num_classes, args.dtm_momentum, args.dtm_min, args.tau, args.dtm_relative),
              'fixed': lambda: FixedThreshold(num_classes, args.tau),
              'flexmatch': lambda: FlexMatchThreshold(num_classes, len(pool), args.tau),
              'freematch': lambda: FreeMatchThreshold(num_classes, args.dtm_momentum),
