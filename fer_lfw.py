@@ -211,8 +211,8 @@ def method_name(group, config, groups):
         return ROWS[group][0]
     pools = tuple(os.path.basename(p.rstrip('/')) for p in config.get('unlabeled') or [])
     base = next((g for g, (_, t, _, p) in ROWS.items() if t == config['threshold'] and p == pools and g in groups), None)
-    if base is None:
-        return config['threshold']
+    if base is None:  # no protocol row of this method and pool yet: its method's name
+        return next((name for _, name, t in SEMI if t == config['threshold']), config['threshold'])
     reference = groups[base][0]['config']
     keys = {**reference, **config}  # a flag either run's train.py lacked counts as left off
     changed = [f'{k}={config.get(k, False)}' for k in keys if differs(k, config, reference)]

@@ -12,6 +12,7 @@ self-training is feeding on one class.
 import argparse
 import json
 import math
+import os
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -85,7 +86,7 @@ def main():
                            for i in range(3))
     config = start['config']
     panel(draw, font, top, x_range, [(k, 2, list(zip(steps, v))) for k, v in zip(colours, thresholds)],
-          f'threshold T(c)   ({config["threshold"]}, {config.get("out", "")})')
+          f'threshold T(c)   ({config["threshold"]}, {os.path.dirname(args.log) or "."})')
     panel(draw, font, middle, x_range, [('#404040', 1, list(zip(steps, overall)))] +
           [(k, 2, list(zip(steps, v))) for k, v in zip(colours, rates)],
           'accepted / predicted, per logging interval')
