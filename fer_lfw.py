@@ -143,8 +143,9 @@ def prepare(args):
     print(f'# rest90: {sum(map(len, rest.values()))} images; lfw112: {lfw} images; val: fer2013/val')
     # --grey: FER2013 is grey, LFW colour (a colour face is outside the domain of a model that saw only grey ones);
     # --own-bn: batch statistics mixed from both domains bias the model towards one class on LFW (README)
-    common = (f'--grey --own-bn --img-size {args.img_size} --steps {args.steps} --batch-size {args.batch_size} --mu {args.mu} '
-              f'--lr {args.lr} --lr-warmup {args.lr_warmup} --eval-every {args.eval_every} --save-every {args.eval_every}')
+    common = (f'--grey --own-bn --img-size {args.img_size} --steps {args.steps} --batch-size {args.batch_size} '
+              f'--mu {args.mu} --lr {args.lr} --lr-warmup {args.lr_warmup} --eval-every {args.eval_every} '
+              f'--save-every {args.eval_every}')
     common += f' --workers {args.workers}' if args.workers is not None else ''
     common += f' {args.extra}' if args.extra else ''
     for seed in args.train_seeds:

@@ -81,7 +81,7 @@ def test_dtm_relative_by_hand():
     dtm = DynamicThreshold(num_classes=3, momentum=0.5, min_threshold=0.4, max_threshold=0.95, relative=True)
     close(dtm.threshold(), [0.95] * 3)  # all kappa equal at 1/C: every class is the surest one
     pseudo, mask = dtm(BATCH)
-    kappa = torch.tensor([0.5 / 3 + 0.5 * 1.75 / 3, 0.5 / 3 + 0.4, 1 / 3])  # as in the plain DTM: 0.4583, 0.5667, 0.3333
+    kappa = torch.tensor([0.5 / 3 + 0.5 * 1.75 / 3, 0.5 / 3 + 0.4, 1 / 3])  # as the plain DTM's: 0.458, 0.567, 0.333
     close(dtm.kappa, kappa)
     # T = clip(0.95 * kappa / 0.566667, 0.4, 0.95) = [0.768382, 0.95, 0.558824]
     close(dtm.threshold(), [0.95 * 0.458333 / 0.566667, 0.95, 0.95 / 3 / 0.566667])

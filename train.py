@@ -67,7 +67,8 @@ parser.add_argument('--balanced', action='store_true', help='class-balanced samp
 parser.add_argument('--teacher', default='live', choices=('live', 'ema'),
                     help='model that makes pseudo-labels: the live model (FixMatch) or its EMA (mean teacher)')
 parser.add_argument('--own-bn', action='store_true', help='unlabeled views pass through batch norm with their own '
-                    'batch statistics and leave the running statistics (used at evaluation) to the labeled batches')
+                    'batch statistics and leave the running statistics (used at evaluation) to the labeled batches: '
+                    'for unlabeled faces from another domain, such as face-recognition photos')
 parser.add_argument('--concat-step', action='store_true', help='one forward+backward on [labeled, weak, strong] '
                     '(the common FixMatch step, with --teacher live), to compare with ours')
 parser.add_argument('--lr', type=float, default=0.03)
@@ -200,9 +201,12 @@ def unlabeled_batch_norm():
     """With --own-bn, a forward of unlabeled faces normalises them by their own batch statistics (so the labeled
     and the unlabeled domain each reach the classifier standardised, as in AdaBN) and leaves the running statistics,
     which evaluation uses, to the labeled images: momentum 0 keeps running = (1 - 0) running + 0 batch."""
+    if not args.own_bn:
+        yield
+        return
     saved = [m.momentum for m in batch_norms]
     for m in batch_norms:
-        m.momentum = 0.0 if args.own_bn else m.momentum
+        m.momentum = 0.0
     try:
         yield
     finally:
