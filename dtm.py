@@ -5,14 +5,15 @@ For an unlabeled batch with weak-view class probabilities q_b (no gradient):
     pseudo_b = argmax_c q_b(c)            conf_b = max_c q_b(c)
     kappa(c) <- m * kappa(c) + (1 - m) * mean{ conf_b : pseudo_b = c }   for each class c seen in the batch
     T(c)      = clip(kappa(c), T_min, T_max)                  or, relative=True:
-    T(c)      = clip(T_max * kappa(c) / max_c kappa(c), T_min, T_max)
+    T(c)      = clip(T_max * kappa(c) / max_c' kappa(c'), T_min, T_max)     (FreeMatch's per-class form)
     mask_b    = [conf_b >= T(pseudo_b)]
 kappa starts at 1/C, so early in training thresholds are low and many pseudo-labels are used; they rise as the
 model grows confident, and classes it finds hard (or rarely predicts) keep lower thresholds, so they are not
-starved of pseudo-labels. relative=True scales kappa so that the class the model is surest of always has T_max
-and the others sit below it in proportion: where every kappa stays under T_min (a weak model, or faces unlike the
-labeled ones) the plain form is one fixed threshold, and one class can flood the unlabeled loss; the relative form
-keeps that class at T_max. The statistics are updated in train mode only, from the current batch, before masking.
+starved of pseudo-labels. relative=True scales kappa so that the class the model is surest of on average always has
+T_max (all classes start there) and the others sit below it in proportion: where every kappa stays under T_min (a
+weak model, or faces unlike the labeled ones) the plain form is one fixed threshold, and the class the model is
+surest of can flood the unlabeled loss; the relative form holds that class to T_max, as FixMatch would. The
+statistics are updated in train mode only, from the current batch, before masking.
 Under torch.distributed the per-class sums and counts are all-reduced, so every rank holds the same thresholds.
 
 FixedThreshold (FixMatch), FlexMatchThreshold and FreeMatchThreshold share the interface, for comparison.

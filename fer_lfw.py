@@ -232,7 +232,8 @@ def table(args):
     rows = []
     for group in [g for g in ROWS if g in groups] + sorted(set(groups) - set(ROWS)):  # the protocol's order first
         runs, config = groups[group], groups[group][0]['config']
-        differ = {k for r in runs for k in r['config'] if differs(k, r['config'], config)}  # only seeds may
+        # only the seeds may differ; a key either log lacks counts too
+        differ = {k for r in runs for k in {**config, **r['config']} if differs(k, r['config'], config)}
         pools = [os.path.basename(p.rstrip('/')) for p in config.get('unlabeled') or []]
         rows.append(dict(run=group, method=method_name(group, config, groups), threshold=config['threshold'],
                          labeled=runs[0]['labeled'],

@@ -57,7 +57,7 @@ def torchrun(tmp, faces, *args, **env):
 @pytest.fixture(scope='module')
 def ddp_run(faces, tmp_path_factory):
     tmp = tmp_path_factory.mktemp('ddp')
-    result = torchrun(tmp, faces, '--steps', '4', '--own-bn')  # two forwards with a graph, one backward
+    result = torchrun(tmp, faces, '--steps', '4')
     assert result.returncode == 0, result.stdout + result.stderr
     return tmp
 
@@ -105,6 +105,14 @@ def test_two_ranks_agree_and_eval_covers_the_set_once(faces, ddp_run):
     assert sum(map(sum, logged['confusion'])) == len(val) == 15
     for key in ('macro_f1', 'accuracy', 'per_class'):
         assert logged[key] == single[key], key
+
+
+def test_own_bn_two_forwards_with_a_graph_under_ddp(faces, tmp_path):
+    """--own-bn: labeled and strong views in two forwards before one backward; the ranks still agree."""
+    result = torchrun(tmp_path, faces, '--steps', '2', '--own-bn')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_identical(load(tmp_path / 'rank0.pt'), load(tmp_path / 'rank1.pt'), 'rank1 vs rank0')
+    assert load(tmp_path / 'out' / 'last.pt')['config']['own_bn']
 
 
 def test_nan_on_one_rank_stops_all_at_that_step(faces, ddp_run, tmp_path):

@@ -112,12 +112,27 @@ def test_own_bn_leaves_running_statistics_to_labeled_images(tmp_path):
         result = run('train.py', '--data', data, '--steps', '4', '--batch-size', '4', '--mu', '2', '--img-size', '32',
                      '--workers', '1', '--lr', '0', '--eval-every', '4', '--out', out, *flags)
         assert result.returncode == 0, result.stderr[-3000:]
-        state = torch.load(os.path.join(out, 'last.pt'), map_location='cpu', weights_only=True)['model']
-        return {k: v for k, v in state.items() if k.endswith(('running_mean', 'running_var'))}
+        checkpoint = torch.load(os.path.join(out, 'last.pt'), map_location='cpu', weights_only=True)
+        return {name: {k: v for k, v in checkpoint[name].items() if k.endswith(('running_mean', 'running_var',
+                                                                                  'num_batches_tracked'))}
+                for name in ('model', 'ema_model')}
 
     supervised = running_statistics('sup', '--threshold', 'none')
-    semi = ('--unlabeled', str(tmp_path / 'white'), '--dtm-min', '0')
+    semi = ('--unlabeled', str(tmp_path / 'white'))
     own, mixed = running_statistics('own', *semi, '--own-bn'), running_statistics('mixed', *semi)
-    assert own.keys() == supervised.keys() and len(own) == 2 * 20  # ResNet-18: 20 BN layers
-    assert all(torch.equal(own[k], supervised[k]) for k in own)
-    assert not torch.equal(mixed['bn1.running_mean'], supervised['bn1.running_mean'])
+    for name in ('model', 'ema_model'):
+        assert own[name].keys() == supervised[name].keys() and len(own[name]) == 3 * 20  # ResNet-18: 20 BN layers
+        assert all(torch.equal(own[name][k], supervised[name][k]) for k in own[name]), name
+    assert supervised['model']['bn1.num_batches_tracked'] == 4  # counted once a step, by the labeled batch
+    assert not torch.equal(mixed['model']['bn1.running_mean'], supervised['model']['bn1.running_mean'])
+    # a checkpoint from before --own-bn existed resumes as it ran, without it, whatever the new command says
+    checkpoint = torch.load(tmp_path / 'mixed' / 'last.pt', map_location='cpu', weights_only=True)
+    del checkpoint['config']['own_bn']
+    torch.save(checkpoint, tmp_path / 'old.pt')
+    result = run('train.py', '--resume', str(tmp_path / 'old.pt'), '--own-bn', '--steps', '5', '--workers', '0',
+                 '--out', str(tmp_path / 'resumed'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = json.loads(open(tmp_path / 'resumed' / 'log.jsonl').readline())
+    assert start['step'] == 4 and start['config']['own_bn'] is False
+    own_ema = running_statistics('own_ema', *semi, '--own-bn', '--teacher', 'ema')  # the teacher is the EMA model
+    assert all(torch.equal(own_ema[name][k], supervised[name][k]) for name in own for k in own[name])

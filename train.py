@@ -94,7 +94,9 @@ if args.resume:
     if not os.path.isfile(path):
         sys.exit(f'--resume: no checkpoint {path}')
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)  # a checkpoint is data, never code
-    vars(args).update({k: v for k, v in checkpoint['config'].items() if k not in OPERATIONAL})
+    # a setting the checkpoint's train.py did not have yet was off in that run: its default, not this command's
+    saved_config = checkpoint['config']
+    vars(args).update({k: saved_config.get(k, parser.get_default(k)) for k in vars(args) if k not in OPERATIONAL})
     if checkpoint['step'] >= args.steps:
         sys.exit(f'{path} is at step {checkpoint["step"]}: pass --steps above it to train on')
 ddp = 'RANK' in os.environ  # set by torchrun
@@ -193,25 +195,29 @@ ema_params = [t for t in ema_model.state_dict().values() if t.is_floating_point(
 model_params = [t for t in raw_model.state_dict().values() if t.is_floating_point()]
 
 
-batch_norms = [m for m in raw_model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+batch_norms = [m for net in (raw_model, ema_model) for m in net.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
 @contextmanager
 def unlabeled_batch_norm():
-    """With --own-bn, a forward of unlabeled faces normalises them by their own batch statistics (so the labeled
-    and the unlabeled domain each reach the classifier standardised, as in AdaBN) and leaves the running statistics,
-    which evaluation uses, to the labeled images: momentum 0 keeps running = (1 - 0) running + 0 batch."""
+    """With --own-bn, a forward of unlabeled faces (in the model or the EMA teacher) normalises them by their own
+    batch statistics, so each domain reaches the classifier standardised on its own, and leaves the running
+    statistics, which evaluation uses, to the labeled images: in train mode with track_running_stats off, batch norm
+    uses the batch's statistics and neither updates nor counts the running ones."""
     if not args.own_bn:
         yield
         return
-    saved = [m.momentum for m in batch_norms]
+    saved = [(m.training, m.track_running_stats) for m in batch_norms]
     for m in batch_norms:
-        m.momentum = 0.0
+        m.train()
+        m.track_running_stats = False
     try:
         yield
     finally:
-        for m, momentum in zip(batch_norms, saved):
-            m.momentum = momentum
+        for m, (training, track) in zip(batch_norms, saved):
+            m.train(training)
+            m.track_running_stats = track
 
 
 @torch.no_grad()
