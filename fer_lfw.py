@@ -207,17 +207,20 @@ def differs(key, config, reference):
 
 def method_name(group, config, groups):
     """The protocol's name for its rows; for another run (a variant), the name of its method and the settings in
-    which it differs from the protocol's row of that method and unlabeled set."""
+    which it differs from the protocol's row of that method and unlabeled set (or, where that row is missing, from
+    another protocol row with the same unlabeled set, the threshold aside)."""
     if group in ROWS:
         return ROWS[group][0]
+    name = next((method for method, t, _, _ in ROWS.values() if t == config['threshold']), config['threshold'])
     pools = tuple(os.path.basename(p.rstrip('/')) for p in config.get('unlabeled') or [])
-    base = next((g for g, (_, t, _, p) in ROWS.items() if t == config['threshold'] and p == pools and g in groups), None)
-    if base is None:  # no protocol row of this method and pool yet: its method's name
-        return next((name for _, name, t in SEMI if t == config['threshold']), config['threshold'])
+    same_pools = [g for g, (_, _, _, p) in ROWS.items() if p == pools and g in groups]
+    base = next((g for g in same_pools if ROWS[g][1] == config['threshold']), same_pools[0] if same_pools else None)
+    if base is None:
+        return name
     reference = groups[base][0]['config']
     keys = {**reference, **config}  # a flag either run's train.py lacked counts as left off
-    changed = [f'{k}={config.get(k, False)}' for k in keys if differs(k, config, reference)]
-    return f'{ROWS[base][0]}, {" ".join(changed)}'
+    changed = [f'{k}={config.get(k, False)}' for k in keys if k != 'threshold' and differs(k, config, reference)]
+    return f'{name}, {" ".join(changed)}' if changed else name
 
 
 def table(args):

@@ -95,13 +95,16 @@ def test_table_reports_the_best_checkpoint_mean_and_spread_over_seeds(tmp_path):
               own_bn=True)
     write_log(runs / 'dtm_lfw_align_s0', 'dtm', 0, [0.33], [0.44], unlabeled=['x/lfw112'], align=True, own_bn=True)
     write_log(runs / 'dtm_lfw_mixedbn_s0', 'dtm', 0, [0.30], [0.40], unlabeled=['x/lfw112'])  # before --own-bn
+    write_log(runs / 'freematch_lfw_old_s0', 'freematch', 0, [0.2], [0.3], unlabeled=['x/lfw112'])  # no FreeMatch row
     write_log(runs / 'fixmatch_lfw_s0', 'fixed', 0, [0.30], [0.40], unlabeled=['x/lfw112'], own_bn=True)
     write_log(runs / 'fixmatch_lfw_s1', 'fixed', 1, [0.30], [0.40], unlabeled=['x/lfw112'])  # a seed run without it
     result = run('table', '--runs', str(runs))
     assert result.returncode == 0, result.stderr
     rows = {r['run']: r for r in json.load(open(runs / 'results.json'))}
     # the protocol's order, then the variants
-    assert list(rows) == ['sup10', 'fixmatch_lfw', 'dtm_lfw', 'dtm_lfw_align', 'dtm_lfw_balanced', 'dtm_lfw_mixedbn']
+    assert list(rows) == ['sup10', 'fixmatch_lfw', 'dtm_lfw', 'dtm_lfw_align', 'dtm_lfw_balanced', 'dtm_lfw_mixedbn',
+                          'freematch_lfw_old']
+    assert rows['freematch_lfw_old']['method'] == 'FreeMatch, own_bn=False'  # named against another LFW row
     assert rows['fixmatch_lfw']['config_differs'] == ['own_bn']  # seeds of one row that are not the same run
     sup = rows['sup10']
     assert sup['macro_f1']['mean'] == pytest.approx(0.275) and sup['macro_f1']['std'] == pytest.approx(
@@ -113,7 +116,7 @@ def test_table_reports_the_best_checkpoint_mean_and_spread_over_seeds(tmp_path):
     assert rows['dtm_lfw_align']['method'] == 'DTM, align=True' and sup['config_differs'] == []
     assert rows['dtm_lfw_mixedbn']['method'] == 'DTM, own_bn=False'  # a flag only the protocol's row has
     csv = open(runs / 'results.csv').read().splitlines()
-    assert csv[0].startswith('run,method') and len(csv) == 7
+    assert csv[0].startswith('run,method') and len(csv) == 8
     assert '| sup10 | supervised |' in open(runs / 'results.md').read()
 
 
