@@ -73,7 +73,7 @@ def test_prepare_builds_an_exact_repeatable_split(shared, tmp_path):
     assert open(tmp_path / 'work2' / 'labeled10' / 'split.txt').read().splitlines() == listing, fresh.stderr
 
 
-def write_log(folder, threshold, seed, f1s, accuracies, unlabeled=(), **config):
+def write_log(folder, threshold, seed, f1s, accuracies, unlabeled=(), resumed=False, **config):
     os.makedirs(folder)
     config = dict(dict(threshold=threshold, seed=seed, unlabeled=list(unlabeled), batch_size=16, mu=3, balanced=False,
                        out=str(folder)), **config)
@@ -82,6 +82,10 @@ def write_log(folder, threshold, seed, f1s, accuracies, unlabeled=(), **config):
     for i, (f1, acc) in enumerate(zip(f1s, accuracies)):
         records.append(dict(event='eval', step=100 * (i + 1), macro_f1=f1, accuracy=acc, time=1000.0 + 60 * (i + 1)))
     records.append(dict(event='end', step=100 * len(f1s), time=1000.0 + 60 * len(f1s)))
+    if resumed:  # stopped after the first evaluation, resumed from it two hours later
+        for r in records[2:]:
+            r['time'] += 7200
+        records.insert(2, dict(records[0], step=100, time=records[1]['time'] + 7200))
     with open(os.path.join(folder, 'log.jsonl'), 'w') as f:
         f.write(''.join(json.dumps(r) + '\n' for r in records))
 
@@ -89,7 +93,8 @@ def write_log(folder, threshold, seed, f1s, accuracies, unlabeled=(), **config):
 def test_table_reports_the_best_checkpoint_mean_and_spread_over_seeds(tmp_path):
     runs = tmp_path / 'runs'
     write_log(runs / 'sup10_s0', 'none', 0, [0.20, 0.30], [0.40, 0.35])
-    write_log(runs / 'sup10_s1', 'none', 1, [0.25, 0.22], [0.41, 0.50], align=False)  # a flag s0's train.py lacked
+    write_log(runs / 'sup10_s1', 'none', 1, [0.25, 0.22], [0.41, 0.50], resumed=True,
+              align=False)  # a flag s0's train.py lacked
     write_log(runs / 'dtm_lfw_s0', 'dtm', 0, [0.31, 0.36], [0.45, 0.47], unlabeled=['x/lfw112'], own_bn=True)
     write_log(runs / 'dtm_lfw_balanced_s0', 'dtm', 0, [0.40], [0.50], unlabeled=['x/lfw112'], balanced=True,
               own_bn=True)

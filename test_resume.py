@@ -3,6 +3,7 @@ Long runs: a run killed with SIGKILL and resumed ends bit-identical to an uninte
 loss stops training without touching the last good checkpoint; a checkpoint or --weights file that would run
 code when unpickled is refused. Training runs are train.py subprocesses on a tiny generated face set.
 """
+import json
 import os
 import pickle
 import runpy
@@ -85,6 +86,8 @@ def runs(faces, tmp_path_factory):
     os.killpg(run.pid, signal.SIGKILL)  # the run and its loader worker, at once, like a lost node
     assert run.wait() == -signal.SIGKILL, 'the run ended before it could be killed'
     killed_at = load(last)['step']
+    with open(tmp / 'b' / 'log.jsonl', 'a') as log:  # what a run logs after its last checkpoint, cut by the kill
+        log.write(json.dumps(dict(event='train', step=killed_at + 1, loss_s=-1.0)) + '\n{"event": "tra')
     train(cmd + ['--resume'], tmp)  # bare --resume: OUT/last.pt
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
     return tmp, killed_at
@@ -99,6 +102,23 @@ def test_resume_after_kill_is_exact(runs):
         assert_identical(a[key], b[key], key)
     assert_identical(load(tmp / 'a' / 'best.pt')['ema_model'], load(tmp / 'b' / 'best.pt')['ema_model'])
     assert f'"event": "start", "step": {killed_at}' in (tmp / 'b' / 'log.jsonl').read_text()
+
+
+def test_resumed_log_holds_each_step_once(runs):
+    """The records logged after the checkpoint are dropped on resume: the log reads as the uninterrupted run's."""
+    tmp, killed_at = runs
+    timing = ('time', 'images_per_s', 'data_wait')  # wall-clock measurements differ between any two runs
+
+    def records(run):
+        lines = (tmp / run / 'log.jsonl').read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+    a, b = records('a'), records('b')
+    assert [r['step'] for r in b if r['event'] == 'start'] == [0, killed_at]
+    assert [r['step'] for r in a if r['event'] != 'start'] == [r['step'] for r in b if r['event'] != 'start']
+    # a train record sums its logging interval (5 steps): the one the resume splits differs, every other is equal
+    split = lambda r: r['event'] == 'train' and killed_at < r['step'] < killed_at + 5  # noqa: E731
+    assert [r for r in a if r['event'] != 'start' and not split(r)] == \
+        [r for r in b if r['event'] != 'start' and not split(r)]
 
 
 def test_nonfinite_loss_keeps_last_checkpoint(runs, faces, tmp_path):

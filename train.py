@@ -246,7 +246,19 @@ versions = dict(python=platform.python_version(), torch=str(torch.__version__), 
 config = {k: v for k, v in vars(args).items()}
 if master:
     os.makedirs(args.out, exist_ok=True)
-    log_file = open(os.path.join(args.out, 'log.jsonl'), 'a')
+    log_path = os.path.join(args.out, 'log.jsonl')
+    if args.resume and os.path.exists(log_path):
+        # the steps logged after the checkpoint are trained again: drop their records (and a line cut by a crash),
+        # so the log holds each step once, as the resumed run saw it
+        def kept(line):
+            try:
+                return json.loads(line).get('step', 0) <= step
+            except json.JSONDecodeError:
+                return False
+        with open(log_path) as f, open(log_path + '.tmp', 'w') as tmp:
+            tmp.writelines(line for line in f if kept(line))
+        os.replace(log_path + '.tmp', log_path)
+    log_file = open(log_path, 'a')
 
 
 def log(record):
