@@ -36,6 +36,7 @@ import torch
 
 import formats
 from formats import IMAGE_EXTENSIONS
+from plot_log import read_log
 
 PERCENT = 10  # labeled share of each class
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data')
@@ -169,7 +170,7 @@ def split_at_starts(records):
 
 def read_run(path):
     """One run's log: config, best macro F1 and the accuracy of that checkpoint, steps done, and its time."""
-    records = [json.loads(line) for line in open(path) if line.strip()]
+    records = read_log(path)
     start = next((r for r in records if r['event'] == 'start'), None)
     if start is None:
         return None  # a run that has not started logging

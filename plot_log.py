@@ -56,14 +56,27 @@ def panel(draw, font, box, x_range, series, title):
     draw.text((x0, y0 - 6), title, fill='black', font=font, anchor='lb')
 
 
+def read_log(path):
+    """The records of a log.jsonl. Its last line may be cut (a run killed mid-write, or still writing): skipped."""
+    lines = [(number, line) for number, line in enumerate(open(path), 1) if line.strip()]
+    records = []
+    for number, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number != lines[-1][0]:
+                raise SystemExit(f'{path}:{number}: not a JSON record ({error})')
+    return records
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('log', help='a log.jsonl written by train.py')
     parser.add_argument('-o', '--output', default='thresholds.png')
     args = parser.parse_args()
-    records = [json.loads(line) for line in open(args.log) if line.strip()]
+    records = read_log(args.log)
     start = next(r for r in records if r['event'] == 'start')
-    # a resumed run logs again the steps after its checkpoint: the last record of each step wins
+    # logs of an older train.py repeat on resume the steps after the checkpoint: the last record of each step wins
     train = sorted({r['step']: r for r in records if r['event'] == 'train'}.values(), key=lambda r: r['step'])
     if not train:
         raise SystemExit(f'{args.log}: no train records yet')
