@@ -159,15 +159,6 @@ def prepare(args):
 # table
 
 
-def split_at_starts(records):
-    segments = []
-    for r in records:
-        if r['event'] == 'start' or not segments:
-            segments.append([])
-        segments[-1].append(r)
-    return segments
-
-
 def read_run(path):
     """One run's log: config, best macro F1 and the accuracy of that checkpoint, steps done, and its time."""
     records = read_log(path)
@@ -177,8 +168,8 @@ def read_run(path):
     evals = [r for r in records if r['event'] == 'eval']
     best = max(evals, key=lambda r: r['macro_f1']) if evals else None  # the checkpoint train.py keeps as best.pt
     config = start['config']
-    if all('time' in r for r in records):  # per segment (a resumed run has one 'start' each): no time between
-        seconds = sum(segment[-1]['time'] - segment[0]['time'] for segment in split_at_starts(records))
+    if all('time' in r for r in records):  # the gap before a resumed run's 'start' is not training time
+        seconds = sum(b['time'] - a['time'] for a, b in zip(records, records[1:]) if b['event'] != 'start')
     else:  # no timestamps: sum each train record's interval, images / (images/s). An interval also holds the
         # evaluation and checkpoint just before it, so only startup and the last evaluation are left out
         seconds, last = 0.0, 0
