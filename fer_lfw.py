@@ -19,6 +19,10 @@ Everything in WORK is symlinks into the two extracted tars, nothing is copied:
     WORK/labeled10/train/<class>/  val -> ../fer2013/val      ImageFolder: the 10%
     WORK/full/train -> ../fer2013/train, val                 ImageFolder: 100% of the labels
     WORK/rest90/<class>/                        the other 90%, a folder pool for --unlabeled (labels unused)
+    WORK/lfw_ids/{train,val}/<person>/          ImageFolder: LFW identities with 4+ photos, each one's last to val
+With --pretrain, prepare first prints a face-recognition pretraining run (ResNet-18 classifying the 610 LFW
+identities of lfw_ids, the FER protocol's input size and grey images) and every row starts from its weights
+(--weights): the paper's backbone was pretrained on face recognition, and a from-scratch one learns slowly here.
 """
 import argparse
 import csv
@@ -39,6 +43,9 @@ from formats import IMAGE_EXTENSIONS
 from plot_log import read_log
 
 PERCENT = 10  # labeled share of each class
+IDENTITY_MIN = 4  # photos a person needs in LFW to be an identity of the pretraining set (one of them held out)
+# face-recognition pretraining on lfw_ids: 64 faces a step, 1,500 steps (~16 epochs of its 6,123 images)
+PRETRAIN = '--threshold none --batch-size 64 --lr 0.05 --lr-warmup 100 --steps 1500 --eval-every 500 --save-every 500'
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data')
 SEMI = [('fixmatch', 'FixMatch', 'fixed'), ('flexmatch', 'FlexMatch', 'flexmatch'),  # run name, table name, --threshold
         ('freematch', 'FreeMatch', 'freematch'), ('dtm', 'DTM', 'dtm')]
@@ -136,6 +143,15 @@ def prepare(args):
     link(train, os.path.join(work, 'full', 'train'))
     link(os.path.join(work, 'fer2013', 'val'), os.path.join(work, 'full', 'val'))
 
+    identities = os.path.join(work, 'lfw_ids')
+    if not os.path.isdir(identities):  # built in a temporary folder and renamed: complete or absent
+        lfw_root = os.path.join(work, 'lfw112')
+        people = {p: files for p, files in class_files(lfw_root).items() if len(files) >= IDENTITY_MIN}
+        shutil.rmtree(identities + '.tmp', ignore_errors=True)
+        link_tree(lfw_root, {p: files[:-1] for p, files in people.items()}, os.path.join(identities + '.tmp', 'train'))
+        link_tree(lfw_root, {p: files[-1:] for p, files in people.items()}, os.path.join(identities + '.tmp', 'val'))
+        os.rename(identities + '.tmp', identities)
+
     lfw = len(image_files(os.path.join(work, 'lfw112')))
     n = {c: len(v) for c, v in chosen.items()}
     print(f'# labeled10: {sum(n.values())} of {sum(map(len, files.values()))} train images: ' +
@@ -149,6 +165,14 @@ def prepare(args):
               f'--save-every {args.eval_every}')
     common += f' --workers {args.workers}' if args.workers is not None else ''
     common += f' {args.extra}' if args.extra else ''
+    if args.pretrain:
+        # below RUNS/*, so the results table does not take it for a row
+        pretrained = os.path.join(args.runs, 'pretrain', 'lfw_ids')
+        print(f'# {len(os.listdir(os.path.join(identities, "val")))} LFW identities, '
+              f'{len(image_files(os.path.join(identities, "train")))} train photos: pretraining, then every row from it')
+        print(f'python train.py --data {identities} --grey --img-size {args.img_size} {PRETRAIN}'
+              f'{f" --workers {args.workers}" if args.workers is not None else ""} --seed 0 --out {pretrained}')
+        common += f' --weights {os.path.join(pretrained, "best.pt")}'
     for seed in args.train_seeds:
         for prefix, (method, threshold, labeled, pools) in ROWS.items():
             unlabeled = f' --unlabeled {" ".join(os.path.join(work, p) for p in pools)}' if pools else ''
@@ -366,6 +390,8 @@ if __name__ == '__main__':
     p.add_argument('--eval-every', type=int, default=500)
     p.add_argument('--workers', type=int)
     p.add_argument('--extra', default='', help='more train.py arguments, appended to every command')
+    p.add_argument('--pretrain', action='store_true', help='print a face-recognition pretraining run on the LFW '
+                   'identities first, and start every row from its weights')
     t = sub.add_parser('table', help='results table from RUNS/*/log.jsonl')
     t.add_argument('--runs', default='runs/fer_lfw')
     r = sub.add_parser('probe', help='a checkpoint on the unlabeled faces: predicted class mix, confidence, and a '

@@ -40,8 +40,8 @@ def shared(tmp_path):
             for i in range(3):
                 add_image(tar, f'fer2013/val/{c}/PublicTest_{i:05d}.png', 48, 'L')
     with tarfile.open(folder / 'lfw112.tar', 'w') as tar:
-        for person in ('Ann_A', 'Bob_B'):
-            for i in range(2):
+        for person, photos in (('Ann_A', 2), ('Bob_B', 2), ('Cy_C', 4), ('Di_D', 5)):
+            for i in range(photos):
                 add_image(tar, f'lfw112/{person}/{person}_{i + 1:04d}.jpg', 112, 'RGB')
     return folder
 
@@ -63,6 +63,7 @@ def test_prepare_builds_an_exact_repeatable_split(shared, tmp_path):
     assert len(commands) == 2 * 10  # 2 seeds x (sup10, 4 methods x 2 pools, sup100)
     assert all('--grey --own-bn' in c and '--steps 7' in c for c in commands)
     assert sum(f'--unlabeled {work}/lfw112 {work}/rest90 ' in c for c in commands) == 2 * 4
+    assert not any('--weights' in c for c in commands)
 
     again = run('prepare', '--shared', str(shared), '--work', work)  # idempotent
     assert again.returncode == 0, again.stderr
@@ -71,6 +72,26 @@ def test_prepare_builds_an_exact_repeatable_split(shared, tmp_path):
     assert other.returncode != 0 and 'holds another split' in other.stderr
     fresh = run('prepare', '--shared', str(shared), '--work', str(tmp_path / 'work2'))  # repeatable elsewhere
     assert open(tmp_path / 'work2' / 'labeled10' / 'split.txt').read().splitlines() == listing, fresh.stderr
+
+
+def test_prepare_pretrain_builds_the_identities_and_starts_every_row_from_them(shared, tmp_path):
+    work = str(tmp_path / 'work')
+    result = run('prepare', '--shared', str(shared), '--work', work, '--runs', 'runs/x', '--pretrain')
+    assert result.returncode == 0, result.stderr
+    identities = os.path.join(work, 'lfw_ids')
+    # people with 4+ photos; each one's last photo held out for validation
+    assert {p: sorted(os.listdir(os.path.join(identities, 'train', p))) for p in os.listdir(
+        os.path.join(identities, 'train'))} == {'Cy_C': [f'Cy_C_{i:04d}.jpg' for i in range(1, 4)],
+                                                'Di_D': [f'Di_D_{i:04d}.jpg' for i in range(1, 5)]}
+    assert {p: os.listdir(os.path.join(identities, 'val', p)) for p in os.listdir(
+        os.path.join(identities, 'val'))} == {'Cy_C': ['Cy_C_0004.jpg'], 'Di_D': ['Di_D_0005.jpg']}
+    assert os.path.samefile(os.path.join(identities, 'val', 'Di_D', 'Di_D_0005.jpg'),
+                            os.path.join(work, 'lfw112', 'Di_D', 'Di_D_0005.jpg'))
+    commands = [line for line in result.stdout.splitlines() if line.startswith('python train.py')]
+    assert commands[0].startswith(f'python train.py --data {identities} --grey ')
+    assert commands[0].endswith('--out runs/x/pretrain/lfw_ids') and '--threshold none' in commands[0]
+    assert len(commands) == 1 + 2 * 10
+    assert all('--weights runs/x/pretrain/lfw_ids/best.pt --seed' in c for c in commands[1:])
 
 
 def write_log(folder, threshold, seed, f1s, accuracies, unlabeled=(), resumed=False, **config):
