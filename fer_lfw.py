@@ -285,10 +285,11 @@ def table(args):
              'accuracy % mean ± std [min, max] | time/run |', '|' + '---|' * 9]
     for r in rows:
         n = len(r['seeds'])
+        scored = sum(run['macro_f1'] is not None for run in r['runs'])  # a run before its first evaluation has none
         warn = f' (configs differ: {", ".join(r["config_differs"])})' if r['config_differs'] else ''
         lines.append(f'| {r["run"]}{warn} | {r["method"]} | {r["labeled"]} | {r["unlabeled"]} | '
-                     f'{n} ({r["finished"]}) | {r["steps"]} | {percent(r["macro_f1"], n)} | '
-                     f'{percent(r["accuracy"], n)} | {duration(r["minutes"]["mean"])} |')
+                     f'{n} ({r["finished"]}) | {r["steps"]} | {percent(r["macro_f1"], scored)} | '
+                     f'{percent(r["accuracy"], scored)} | {duration(r["minutes"]["mean"])} |')
     lines.append('\nBest validation (fer2013/val) macro F1 of the EMA model over the evaluations of each run, and the '
                  'accuracy of that same checkpoint; std over seeds (n-1). time/run: mean wall time of the training '
                  'loop.')

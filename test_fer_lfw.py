@@ -117,6 +117,7 @@ def test_table_reports_the_best_checkpoint_mean_and_spread_over_seeds(tmp_path):
     write_log(runs / 'sup10_s1', 'none', 1, [0.25, 0.22], [0.41, 0.50], resumed=True,
               align=False)  # a flag s0's train.py lacked
     write_log(runs / 'dtm_lfw_s0', 'dtm', 0, [0.31, 0.36], [0.45, 0.47], unlabeled=['x/lfw112'], own_bn=True)
+    write_log(runs / 'dtm_lfw_s1', 'dtm', 1, [], [], unlabeled=['x/lfw112'], own_bn=True)  # before its first eval
     write_log(runs / 'dtm_lfw_balanced_s0', 'dtm', 0, [0.40], [0.50], unlabeled=['x/lfw112'], balanced=True,
               own_bn=True)
     write_log(runs / 'dtm_lfw_align_s0', 'dtm', 0, [0.33], [0.44], unlabeled=['x/lfw112'], align=True, own_bn=True)
@@ -143,7 +144,9 @@ def test_table_reports_the_best_checkpoint_mean_and_spread_over_seeds(tmp_path):
     assert rows['dtm_lfw_mixedbn']['method'] == 'DTM, own_bn=False'  # a flag only the protocol's row has
     csv = open(runs / 'results.csv').read().splitlines()
     assert csv[0].startswith('run,method') and len(csv) == 8
-    assert '| sup10 | supervised |' in open(runs / 'results.md').read()
+    markdown = open(runs / 'results.md').read()
+    assert '| sup10 | supervised |' in markdown
+    assert '| dtm_lfw | DTM | 2873 | lfw112 (13233) | 2 (2) | 200 | 36.00 | 47.00 |' in markdown  # no spread of one
 
 
 def test_linear_probe_tells_apart_only_what_differs():
