@@ -22,7 +22,8 @@ Everything in WORK is symlinks into the two extracted tars, nothing is copied:
     WORK/lfw_ids/{train,val}/<person>/          ImageFolder: LFW identities with 4+ photos, each one's last to val
 With --pretrain, prepare first prints a face-recognition pretraining run (ResNet-18 classifying the 610 LFW
 identities of lfw_ids, the FER protocol's input size and grey images) and every row starts from its weights
-(--weights): the paper's backbone was pretrained on face recognition, and a from-scratch one learns slowly here.
+(--weights): FER models usually start from face-recognition weights (MS-Celeb-1M), which cannot be downloaded here,
+and a from-scratch ResNet learns slowly at this budget.
 """
 import argparse
 import csv
