@@ -170,7 +170,8 @@ def prepare(args):
         # below RUNS/*, so the results table does not take it for a row
         pretrained = os.path.join(args.runs, 'pretrain', 'lfw_ids')
         print(f'# {len(os.listdir(os.path.join(identities, "val")))} LFW identities, '
-              f'{len(image_files(os.path.join(identities, "train")))} train photos: pretraining, then every row from it')
+              f'{len(image_files(os.path.join(identities, "train")))} train photos: pretraining, then every row '
+              f'from it')
         print(f'python train.py --data {identities} --grey --img-size {args.img_size} {PRETRAIN}'
               f'{f" --workers {args.workers}" if args.workers is not None else ""} --seed 0 --out {pretrained}')
         common += f' --weights {os.path.join(pretrained, "best.pt")}'

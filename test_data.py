@@ -432,7 +432,8 @@ def test_load_backbone_from_a_train_checkpoint(tmp_path):
     torch.manual_seed(0)
     live, ema = torchvision.models.resnet18(num_classes=610).state_dict(), torchvision.models.resnet18().state_dict()
     torch.save(dict(model=live, ema_model=ema, step=1500, best_f1=0.3, config={'arch': 'resnet18'},
-                    classes=[f'person{i}' for i in range(610)], rng=dict(torch=torch.get_rng_state())), tmp_path / 'best.pt')
+                    classes=[f'person{i}' for i in range(610)], rng=dict(torch=torch.get_rng_state())),
+               tmp_path / 'best.pt')
     model = build_model('resnet18', num_classes=7, weights=str(tmp_path / 'best.pt'))
     assert torch.equal(model.layer3[0].conv1.weight, live['layer3.0.conv1.weight'])
     assert model.fc.weight.shape == (7, 512)

@@ -402,7 +402,8 @@ if master:
     print(f'\nbest validation macro F1 {best_f1:.4f} (EMA model, saved in {args.out}/best.pt)')
     print(format_table(best_metrics))
     if semi:  # supervised runs have no thresholds to show
-        print('final per-class thresholds: ' + ', '.join(f'{c} {t:.3f}' for c, t in zip(classes, threshold.threshold().tolist())))
+        thresholds = threshold.threshold().tolist()
+        print('final per-class thresholds: ' + ', '.join(f'{c} {t:.3f}' for c, t in zip(classes, thresholds)))
     if skipped:
         print(f'{skipped} unreadable unlabeled images were skipped')
     log(dict(event='end', step=step, best_macro_f1=best_f1, best=best_metrics, skipped=skipped,
