@@ -164,7 +164,8 @@ def prepare(args):
     common = (f'--grey --own-bn --img-size {args.img_size} --steps {args.steps} --batch-size {args.batch_size} '
               f'--mu {args.mu} --lr {args.lr} --lr-warmup {args.lr_warmup} --eval-every {args.eval_every} '
               f'--save-every {args.eval_every}')
-    common += f' --workers {args.workers}' if args.workers is not None else ''
+    workers = f' --workers {args.workers}' if args.workers is not None else ''
+    common += workers
     common += f' {args.extra}' if args.extra else ''
     if args.pretrain:
         # below RUNS/*, so the results table does not take it for a row
@@ -172,8 +173,8 @@ def prepare(args):
         print(f'# {len(os.listdir(os.path.join(identities, "val")))} LFW identities, '
               f'{len(image_files(os.path.join(identities, "train")))} train photos: pretraining, then every row '
               f'from it')
-        print(f'python train.py --data {identities} --grey --img-size {args.img_size} {PRETRAIN}'
-              f'{f" --workers {args.workers}" if args.workers is not None else ""} --seed 0 --out {pretrained}')
+        print(f'python train.py --data {identities} --grey --img-size {args.img_size} {PRETRAIN}{workers} --seed 0 '
+              f'--out {pretrained}')
         common += f' --weights {os.path.join(pretrained, "best.pt")}'
     for seed in args.train_seeds:
         for prefix, (method, threshold, labeled, pools) in ROWS.items():
