@@ -136,3 +136,24 @@ def test_own_bn_leaves_running_statistics_to_labeled_images(tmp_path):
     assert start['step'] == 4 and start['config']['own_bn'] is False
     own_ema = running_statistics('own_ema', *semi, '--own-bn', '--teacher', 'ema')  # the teacher is the EMA model
     assert all(torch.equal(own_ema[name][k], supervised[name][k]) for name in own for k in own[name])
+
+
+# train.py as on a one-GPU machine, up to its first CUDA call: is_available() says yes, and set_device checks its
+# argument as the real one does before touching a driver (a bare 'cuda', with no index, raises ValueError)
+ONE_GPU = """
+import runpy, sys, torch
+from torch.cuda._utils import _get_device_index
+torch.cuda.is_available = lambda: True
+def set_device(device):
+    print('set_device', _get_device_index(device))
+    sys.exit(0)
+torch.cuda.set_device = set_device
+sys.argv[0] = 'train.py'
+runpy.run_path('train.py', run_name='__main__')
+"""
+
+
+def test_one_gpu_device_has_an_index_for_set_device():
+    result = run('-c', ONE_GPU, '--steps', '1')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == 'set_device 0'

@@ -106,7 +106,7 @@ if ddp:
     device = f'cuda:{os.environ["LOCAL_RANK"]}' if torch.cuda.is_available() else 'cpu'
 else:
     rank, world = 0, 1
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = 'cuda:0' if torch.cuda.is_available() else 'cpu'  # set_device needs an index
 master = rank == 0  # only rank 0 prints and writes files
 cuda = device.startswith('cuda')
 if cuda:
