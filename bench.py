@@ -38,7 +38,7 @@ parser.add_argument('--repeats', type=int, default=3, help='interleaved repeats 
 parser.add_argument('--steps', type=int, help='timed steps per repeat (default 20 on CUDA, 2 on the CPU)')
 parser.add_argument('--images', type=int, default=200, help='images drawn per size, for the pipeline')
 parser.add_argument('--jpeg', help='a folder of 112 px JPEG faces (e.g. lfw112) to use instead of drawn ones')
-parser.add_argument('--workers', type=int, default=2, help='processes per loader (train.py --workers)')
+parser.add_argument('--workers', type=int, help='processes per loader (default: as train.py, data.default_workers)')
 parser.add_argument('--threads', type=int, help="the step's CPU threads (default: torch's, as in train.py)")
 parser.add_argument('--compile', action='store_true', help='torch.compile the model')
 parser.add_argument('--json', action='store_true')
@@ -47,6 +47,8 @@ args = parser.parse_args()
 if args.quick:
     args.batch_size, args.mu, args.sizes, args.repeats, args.steps, args.images = 2, 2, [32], 2, 1, 16
 cuda = torch.cuda.is_available()
+if args.workers is None:
+    args.workers = data.default_workers(cuda)
 B, U, device, steps = args.batch_size, args.mu * args.batch_size, 'cuda' if cuda else 'cpu', args.steps or 2 + 18 * cuda
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16

@@ -437,3 +437,17 @@ def test_load_backbone_from_a_train_checkpoint(tmp_path):
     model = build_model('resnet18', num_classes=7, weights=str(tmp_path / 'best.pt'))
     assert torch.equal(model.layer3[0].conv1.weight, live['layer3.0.conv1.weight'])
     assert model.fc.weight.shape == (7, 512)
+
+
+def test_default_workers_scale_with_the_cores_on_a_gpu(monkeypatch):
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)), raising=False)
+    assert data.default_workers(cuda=False) == 2  # on the CPU the workers compete with the step
+    assert data.default_workers(cuda=True) == 8
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')  # torchrun, 4 processes on the host: each gets its share
+    assert data.default_workers(cuda=True) == 2
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(64)))
+    assert data.default_workers(cuda=True) == 8
+    monkeypatch.delenv('LOCAL_WORLD_SIZE')
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
+    assert data.default_workers(cuda=True) == 2  # never fewer than the CPU default

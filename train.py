@@ -78,7 +78,8 @@ parser.add_argument('--ema', type=float, default=0.999, help='decay of the weigh
 parser.add_argument('--eval-every', type=int, default=100)
 parser.add_argument('--save-every', type=int, default=100)
 parser.add_argument('--log-every', type=int, default=25)
-parser.add_argument('--workers', type=int, default=2, help='data loader processes per loader')
+parser.add_argument('--workers', type=int, help='data loader processes per loader (default: 2 on the CPU, half the '
+                    'CPU cores on a GPU, per process: data.default_workers)')
 parser.add_argument('--seed', type=int, default=0)
 parser.add_argument('--out', default='runs/default')
 parser.add_argument('--resume', nargs='?', const='last', help='checkpoint to resume (bare flag: OUT/last.pt)')
@@ -115,6 +116,8 @@ if cuda:
 # bf16 where the GPU has it, else fp16 with a GradScaler; full precision on the CPU
 amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
 autocast = torch.autocast('cuda', dtype=amp_dtype) if cuda else nullcontext()
+if args.workers is None:
+    args.workers = data.default_workers(cuda)
 torch.manual_seed(args.seed)
 random.seed(args.seed)
 
