@@ -20,8 +20,7 @@ import torch
 import torch.distributed as dist
 
 import data
-import formats
-import pools
+from sources import formats, pools
 from model import build_model
 
 

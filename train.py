@@ -28,9 +28,7 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-import faces
-import formats
-import pools
+from sources import faces, formats, pools
 from dtm import DistributionAlignment, DynamicThreshold, FixedThreshold, FlexMatchThreshold, FreeMatchThreshold
 from evaluate import evaluate, format_table
 from model import ARCHS, build_model

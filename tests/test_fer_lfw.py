@@ -11,12 +11,12 @@ import tarfile
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 COUNTS = {'angry': 40, 'disgust': 5, 'happy': 25}  # 10%: 4, 0.5 -> 1 (halves round up), 2.5 -> 3
 
 
 def run(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'fer_lfw.py'), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'fer_lfw', 'run.py'), *args], capture_output=True, text=True,
                           timeout=300)
 
 
@@ -152,7 +152,7 @@ def test_table_reports_the_best_checkpoint_mean_and_spread_over_seeds(tmp_path):
 def test_linear_probe_tells_apart_only_what_differs():
     import torch
 
-    import fer_lfw
+    from experiments.fer_lfw import run as fer_lfw
     generator = torch.Generator().manual_seed(0)
     same = torch.randn(400, 16, generator=generator)
     labels = torch.arange(400) % 2

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def positive(value):
@@ -18,7 +18,7 @@ def positive(value):
 
 
 def test_quick_run_prints_every_figure():
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--quick', '--json', '--threads', '1'],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench.py'), '--quick', '--json', '--threads', '1'],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     results = json.loads(result.stdout)

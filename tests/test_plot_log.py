@@ -5,7 +5,7 @@ import sys
 
 from PIL import Image
 
-import plot_log
+from tools import plot_log
 
 
 def test_plot_draws_every_class(tmp_path):

@@ -14,9 +14,7 @@ import torchvision
 from PIL import Image
 
 import data
-import faces
-import formats
-import pools
+from sources import faces, formats, pools
 from model import ARCHS, build_model, load_backbone
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import data
-from faces import generate_faces
+from sources.faces import generate_faces
 from evaluate import evaluate
 from model import build_model
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 # run train.py as torchrun's script, then save what this rank holds; NAN_STEP/NAN_RANK poison one rank's loss
 HOOK = f'''
 import os, runpy, sys, torch, torch.nn.functional as F

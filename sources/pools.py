@@ -14,7 +14,7 @@ import time
 import torch
 from PIL import Image
 
-from formats import IMAGE_EXTENSIONS, detect_format, open_image, read_labeled, to_rgb
+from sources.formats import IMAGE_EXTENSIONS, detect_format, open_image, read_labeled, to_rgb
 
 def scan_images(root):
     """All image files under root, recursively, in a stable order."""

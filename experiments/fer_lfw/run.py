@@ -39,9 +39,10 @@ import tarfile
 
 import torch
 
-import formats
-from formats import IMAGE_EXTENSIONS
-from plot_log import read_log
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))  # the project's modules
+from sources import formats
+from sources.formats import IMAGE_EXTENSIONS
+from tools.plot_log import read_log
 
 PERCENT = 10  # labeled share of each class
 IDENTITY_MIN = 4  # photos a person needs in LFW to be an identity of the pretraining set (one of them held out)

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -22,10 +23,9 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))  # the project's modules
 import data
-import faces
-import formats
-import pools
+from sources import faces, formats, pools
 from dtm import DynamicThreshold
 from model import ARCHS, build_model
 

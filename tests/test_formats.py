@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 import data
-import formats
+from sources import formats
 import evaluate
 from model import build_model
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 EXPR_HEADER = 'Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other'
 
 

@@ -11,9 +11,9 @@ import torch
 from PIL import Image, ImageChops
 
 import data
-import pools
+from sources import pools
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data')
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data')
 MAGIC = struct.pack('<I', pools.RECORD_MAGIC)
 
 

@@ -16,10 +16,10 @@ import time
 import pytest
 import torch
 
-from faces import generate_faces
+from sources.faces import generate_faces
 from model import build_model
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 ENV = dict(os.environ, OMP_NUM_THREADS='1')  # the same thread count in every run, and light on shared CPUs
 
 

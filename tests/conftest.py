@@ -1,0 +1,5 @@
+"""The tests import the project's modules (train.py's neighbours) from the repository root."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
