@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dtm import DistributionAlignment, DynamicThreshold, FixedThreshold, FlexMatchThreshold, FreeMatchThreshold
+from baselines.thresholds import FlexMatchThreshold, FreeMatchThreshold
+from dtm import DynamicThreshold, FixedThreshold
 
 
 def P(*rows):
@@ -368,45 +369,6 @@ def test_freematch_eval_and_round_trip():
     assert torch.equal(restored.tau, free.tau) and torch.equal(restored.p_model, free.p_model)
 
 
-def test_distribution_alignment_by_hand():
-    align = DistributionAlignment([2, 1, 1], momentum=0.5)  # target [0.5, 0.25, 0.25]
-    close(align.target, [0.5, 0.25, 0.25])
-    close(align.p_model, [0.5, 0.25, 0.25])
-    out = align(P([0.8, 0.1, 0.1], [0.4, 0.4, 0.2]))
-    # batch mean [0.6, 0.25, 0.15]; p_model = 0.5 * [0.5, 0.25, 0.25] + 0.5 * [0.6, 0.25, 0.15] = [0.55, 0.25, 0.2]
-    close(align.p_model, [0.55, 0.25, 0.2])
-    # q * target / p_model = q * [0.909091, 1, 1.25], normalised per row
-    first = torch.tensor([0.8 * 0.909091, 0.1, 0.125])
-    second = torch.tensor([0.4 * 0.909091, 0.4, 0.25])
-    close(out, torch.stack([first / first.sum(), second / second.sum()]))
-
-
-def test_distribution_alignment_undoes_a_collapse():
-    """A model that calls 90% of the unlabeled faces class 0: aligned, its pseudo-labels are spread over the classes."""
-    generator = torch.Generator().manual_seed(0)
-    align = DistributionAlignment([1, 1, 1], momentum=0.9)
-    for _ in range(300):
-        logits = torch.randn(512, 3, generator=generator)
-        logits[:, 0] += 3  # most rows confidently class 0
-        aligned = align(logits.softmax(dim=1))
-    shares = torch.bincount(aligned.argmax(dim=1), minlength=3) / 512
-    # per-row renormalisation makes it approximate: class 0's mean probability 0.8 -> under 0.5, its share of argmaxes
-    assert logits.softmax(dim=1)[:, 0].mean() > 0.8 and aligned[:, 0].mean() < 0.5 and aligned[:, 1:].mean() > 0.25
-    assert (logits.argmax(dim=1) == 0).float().mean() > 0.85 and shares[0] < 0.6 and shares.min() > 0.15, shares
-
-
-def test_distribution_alignment_eval_mode_and_round_trip():
-    align = DistributionAlignment([1, 1, 2], momentum=0.5)
-    align(P([0.9, 0.05, 0.05]))
-    state = align.p_model.clone()
-    align.eval()
-    align(P([0.05, 0.05, 0.9]))
-    assert torch.equal(align.p_model, state)
-    restored = DistributionAlignment([1, 1, 1])
-    restored.load_state_dict(align.state_dict())
-    assert torch.equal(restored.target, align.target) and torch.equal(restored.p_model, align.p_model)
-
-
 # -----------------------------------------------------------------------------
 # distributed: two gloo processes, each with its own batch, must end with the state of one process fed the
 # union of the two batches (sums and counts all-reduced, FlexMatch's memory updates gathered)
@@ -436,8 +398,6 @@ def _distributed_worker(rank, world, init_file, out_dir):
             for batches, indices in zip(RANK_BATCHES, RANK_INDICES):
                 masks.append(policy(batches[rank], indices[rank])[1])
             results[name] = dict(state=policy.state_dict(), threshold=policy.threshold(), masks=masks)
-        align = DistributionAlignment([1, 2, 1], momentum=0.5)
-        results['align'] = dict(state=align.state_dict(), out=[align(batches[rank]) for batches in RANK_BATCHES])
         torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
     finally:
         dist.destroy_process_group()
@@ -460,13 +420,6 @@ def test_distributed_sync_matches_union(tmp_path):
         for key, value in single[name].state_dict().items():
             close(a['state'][key], value)
         close(a['threshold'], single[name].threshold())
-
-    align = DistributionAlignment([1, 2, 1], momentum=0.5)  # all ranks align with the statistics of the union
-    union = [align(torch.cat(batches)) for batches in RANK_BATCHES]
-    close(ranks[0]['align']['state']['p_model'], align.p_model)
-    assert torch.equal(ranks[0]['align']['state']['p_model'], ranks[1]['align']['state']['p_model'])
-    for step in range(2):
-        close(torch.cat([ranks[0]['align']['out'][step], ranks[1]['align']['out'][step]]), union[step])
 
     # and the hand computation of the DTM on the union, m = 0.5, kappa_0 = 1/3:
     # step 1 union: class 0 confs 0.70, 0.50, 0.90 (mean 0.7); class 2 conf 0.70; class 1 absent

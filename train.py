@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from sources import faces, formats, pools
-from dtm import DistributionAlignment, DynamicThreshold, FixedThreshold, FlexMatchThreshold, FreeMatchThreshold
+from baselines.thresholds import FlexMatchThreshold, FreeMatchThreshold
+from dtm import DynamicThreshold, FixedThreshold
 from evaluate import evaluate, format_table
 from model import ARCHS, build_model
 
@@ -59,8 +60,6 @@ parser.add_argument('--dtm-relative', action='store_true', help='DTM thresholds 
 parser.add_argument('--lambda-u', type=float, default=1.0, help='weight of the unlabeled loss')
 parser.add_argument('--warmup', type=float, default=0.0,
                     help='ramp lambda_u up linearly over this fraction of the steps (0: from the start)')
-parser.add_argument('--align', action='store_true', help='distribution alignment of the weak-view probabilities '
-                    'to the labeled class prior, before the threshold (ReMixMatch; momentum --dtm-momentum)')
 parser.add_argument('--balanced', action='store_true', help='class-balanced sampling of the labeled set')
 parser.add_argument('--teacher', default='live', choices=('live', 'ema'),
                     help='model that makes pseudo-labels: the live model (FixMatch) or its EMA (mean teacher)')
@@ -172,9 +171,6 @@ threshold = {'dtm': lambda: DynamicThreshold(num_classes, args.dtm_momentum, arg
              'flexmatch': lambda: FlexMatchThreshold(num_classes, len(pool), args.tau),
              'freematch': lambda: FreeMatchThreshold(num_classes, args.dtm_momentum),
              'none': lambda: FixedThreshold(num_classes, 1.0)}[args.threshold]().to(device)
-# p_target = the labeled class prior; without --align an identity that keeps no state
-align = DistributionAlignment(torch.bincount(torch.tensor(train_set.labels), minlength=num_classes).clamp(min=1),
-                              args.dtm_momentum).to(device) if args.align else (lambda probs: probs)
 best_f1, best_metrics = -1.0, None
 if args.resume:
     model.load_state_dict(checkpoint['model'])
@@ -184,8 +180,6 @@ if args.resume:
     if checkpoint['scaler']:  # empty when saved without fp16 (CPU, bf16)
         scaler.load_state_dict(checkpoint['scaler'])
     threshold.load_state_dict(checkpoint['threshold'])
-    if args.align:
-        align.load_state_dict(checkpoint['align'])
     best_f1, best_metrics = checkpoint['best_f1'], checkpoint['best_metrics']
 raw_model = model
 if args.compile:
@@ -276,7 +270,6 @@ def save(name):
     with open(path + '.tmp', 'wb') as f:
         torch.save(dict(model=raw_model.state_dict(), ema_model=ema_model.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), threshold=threshold.state_dict(),
-                        align=align.state_dict() if args.align else {},
                         step=step, best_f1=best_f1, best_metrics=best_metrics, config=config, classes=classes,
                         versions=versions, rng=dict(torch=torch.get_rng_state(), python=random.getstate())), f)
         f.flush()
@@ -332,7 +325,7 @@ while step < args.steps:
                         logits_u = model(strong)
                 else:
                     logits_x, logits_u = model(torch.cat([images, strong])).split([len(images), len(strong)])
-            pseudo, mask = threshold(align(probs), index.to(device, non_blocking=True))  # a blocking copy would sync
+            pseudo, mask = threshold(probs, index.to(device, non_blocking=True))  # a blocking copy would sync
             loss_u = (F.cross_entropy(logits_u.float(), pseudo, reduction='none') * mask).mean()  # / (mu B)
         else:
             logits_x, loss_u = model(images), torch.zeros((), device=device)
