@@ -6,6 +6,9 @@ layout load as they are. Small inputs work as they are too: a 48 px face leaves 
 adaptive average pool reduces to one vector; pass --img-size 112 to upsample small faces for more spatial
 resolution at ~5x the compute. Grey images are converted to 3 channels by the data loader.
 """
+import pickle
+from contextlib import contextmanager
+
 import torch
 import torchvision
 
@@ -25,7 +28,13 @@ def build_model(arch, num_classes, weights=None):
 def load_backbone(model, path):
     """Load backbone weights from a local file (a state dict, or a checkpoint holding one under 'model' or
     'state_dict'). weights_only=True: a weights file is data, never code. The fc layer is always replaced."""
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f'{path}: holds objects other than tensors and plain data, which could run code when loaded: '
+                         'refused') from None
+    except RuntimeError as error:  # not a torch.save file at all
+        raise ValueError(f'{path}: not a weights file saved by torch.save ({str(error).splitlines()[0]})') from None
     for key in ('model', 'state_dict'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -41,3 +50,22 @@ def load_backbone(model, path):
     if missing:
         print(f'warning: {path} has no usable weights for {len(missing)} backbone tensors, e.g. {missing[:3]}')
     return len(usable)
+
+
+@contextmanager
+def own_batch_statistics(*models):
+    """Inside, batch norm normalises each forward by its own batch statistics and leaves the running statistics
+    (which evaluation uses) alone: in train mode with track_running_stats off, batch norm uses the batch's
+    statistics and neither updates nor counts the running ones. train.py --own-bn passes the unlabeled faces
+    through the model this way, so each domain reaches the classifier standardised on its own."""
+    batch_norms = [m for model in models for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in batch_norms]
+    for m in batch_norms:
+        m.train()
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, (training, track) in zip(batch_norms, saved):
+            m.train(training)
+            m.track_running_stats = track

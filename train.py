@@ -1,24 +1,28 @@
 """
-Semi-supervised facial expression recognition with the Dynamic Threshold Module (FixMatch-style).
+Semi-supervised facial expression recognition with the Dynamic Threshold Module (DTM), FixMatch-style.
 
-    python train.py                                        # built-in procedural faces, CPU or one GPU
+    python train.py                                        # built-in generated faces, CPU or one GPU
     python train.py --data RAF-DB --unlabeled faces/ --img-size 112 --steps 100000 --batch-size 64 --mu 7
     torchrun --nproc_per_node 4 train.py ...               # DDP; --batch-size is per GPU
 
-Loss (METHOD.md): L = L_s + lambda_u * L_u, with
-    L_s = mean_b CE(f(weak(x_b)), y_b)
-    L_u = 1/(mu B) sum_b mask_b * CE(f(strong(u_b)), pseudo_b),   pseudo_b, mask_b = threshold(softmax(f(weak(u_b))))
+One step, for B labeled images x_b with labels y_b and mu*B unlabeled faces u_b:
+    q_b           = softmax(f(weak(u_b)))                   no gradient: the weak view only makes targets
+    pseudo, mask  = threshold(q_b)                          dtm.py: mask_b = [max q_b >= T(argmax q_b)]
+    L_s           = mean_b CE(f(weak(x_b)), y_b)
+    L_u           = 1/(mu B) sum_b mask_b * CE(f(strong(u_b)), pseudo_b)
+    L             = L_s + lambda_u * L_u
 """
 import argparse
 import copy
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import PIL
 import torch
@@ -28,75 +32,106 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from sources import faces, formats, pools
-from baselines.thresholds import FlexMatchThreshold, FreeMatchThreshold
-from dtm import DynamicThreshold, FixedThreshold
+from baselines.thresholds import FlexMatchThreshold, FreeMatchThreshold, fairness_loss
+from dtm import DynamicThreshold, FixedThreshold, unlabeled_loss
 from evaluate import evaluate, format_table
-from model import ARCHS, build_model
+from model import ARCHS, build_model, own_batch_statistics
+from sources import faces, formats, pools
 
 # -----------------------------------------------------------------------------
-# configuration: argparse and a dict, nothing more
+# configuration: argparse, nothing more
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument('--data', help='labeled set root (default: the built-in faces, generated into data/faces)')
-parser.add_argument('--format', choices=formats.FORMATS, help='format of --data (default: detected; see data.py)')
-parser.add_argument('--unlabeled', nargs='*', help='unlabeled sources: image folder trees, InsightFace train.rec '
-                    '(or its folder), labeled sets (train split, labels ignored); default: the built-in pool')
-parser.add_argument('--reindex', action='store_true', help='rebuild the cached index of the unlabeled sources')
-parser.add_argument('--arch', default='resnet18', choices=ARCHS)
-parser.add_argument('--weights', help='local backbone state dict to start from (fc is replaced)')
-parser.add_argument('--img-size', type=int, default=48, help='input size in pixels (faces are resized to it)')
-parser.add_argument('--grey', action='store_true', help='turn every image grey: for grey labeled sets (FER2013) '
-                    'with colour unlabeled faces (LFW)')
-parser.add_argument('--steps', type=int, default=500)
-parser.add_argument('--batch-size', type=int, default=16, help='labeled images per step, per GPU')
-parser.add_argument('--mu', type=int, default=3, help='unlabeled images per labeled image')
-parser.add_argument('--threshold', default='dtm', choices=('dtm', 'fixed', 'flexmatch', 'freematch', 'none'),
-                    help='pseudo-label threshold policy; none = supervised only')
-parser.add_argument('--tau', type=float, default=0.95, help='fixed threshold (fixed, flexmatch) and DTM T_max')
-parser.add_argument('--dtm-momentum', type=float, default=0.99, help='EMA momentum m of the DTM (and FreeMatch)')
-parser.add_argument('--dtm-min', type=float, default=0.7, help='T_min: lowest DTM threshold')
-parser.add_argument('--dtm-relative', action='store_true', help='DTM thresholds T_max * kappa / max kappa: the class '
-                    'the model is surest of gets T_max, the others less in proportion (dtm.py)')
-parser.add_argument('--lambda-u', type=float, default=1.0, help='weight of the unlabeled loss')
-parser.add_argument('--warmup', type=float, default=0.0,
-                    help='ramp lambda_u up linearly over this fraction of the steps (0: from the start)')
-parser.add_argument('--balanced', action='store_true', help='class-balanced sampling of the labeled set')
-parser.add_argument('--teacher', default='live', choices=('live', 'ema'),
-                    help='model that makes pseudo-labels: the live model (FixMatch) or its EMA (mean teacher)')
-parser.add_argument('--own-bn', action='store_true', help='unlabeled views pass through batch norm with their own '
-                    'batch statistics and leave the running statistics (used at evaluation) to the labeled batches: '
-                    'for unlabeled faces from another domain, such as face-recognition photos')
-parser.add_argument('--concat-step', action='store_true', help='one forward+backward on [labeled, weak, strong] '
-                    '(the common FixMatch step, with --teacher live), to compare with ours')
-parser.add_argument('--lr', type=float, default=0.03)
-parser.add_argument('--lr-warmup', type=int, default=0, help='steps of linear learning-rate warm-up')
-parser.add_argument('--weight-decay', type=float, default=5e-4)
-parser.add_argument('--ema', type=float, default=0.999, help='decay of the weight EMA used for evaluation')
-parser.add_argument('--eval-every', type=int, default=100)
-parser.add_argument('--save-every', type=int, default=100)
-parser.add_argument('--log-every', type=int, default=25)
-parser.add_argument('--workers', type=int, help='data loader processes per loader (default: 2 on the CPU, half the '
-                    'CPU cores on a GPU, per process: data.default_workers)')
-parser.add_argument('--seed', type=int, default=0)
-parser.add_argument('--out', default='runs/default')
-parser.add_argument('--resume', nargs='?', const='last', help='checkpoint to resume (bare flag: OUT/last.pt)')
-parser.add_argument('--compile', action='store_true', help='torch.compile the model (CUDA)')
+method = parser.add_argument_group('method')
+method.add_argument('--threshold', default='dtm', choices=('dtm', 'fixed', 'flexmatch', 'freematch', 'none'),
+                    help='pseudo-label threshold: dtm, fixed (FixMatch), flexmatch, freematch; none = supervised only')
+method.add_argument('--tau', type=float, default=0.95, help='T_max of the DTM; the fixed and FlexMatch threshold')
+method.add_argument('--dtm-min', type=float, default=0.7, help='T_min: the lowest DTM threshold')
+method.add_argument('--dtm-momentum', type=float, default=0.99, help='m: EMA momentum of the DTM')
+method.add_argument('--dtm-relative', action='store_true', help='T(c) = T_max kappa(c) / max kappa (dtm.py)')
+method.add_argument('--lambda-u', type=float, default=1.0, help='weight of the unlabeled loss')
+method.add_argument('--mu', type=int, default=3, help='unlabeled images per labeled image')
+run = parser.add_argument_group('run')
+run.add_argument('--data', help='labeled set root (default: the built-in faces, generated into data/faces)')
+run.add_argument('--format', choices=formats.FORMATS, help='format of --data (default: detected)')
+run.add_argument('--unlabeled', nargs='*', help='unlabeled sources: folder trees of images, InsightFace train.rec '
+                 '(or its folder), labeled sets (train split, labels unused); default: the built-in pool')
+run.add_argument('--reindex', action='store_true', help='rebuild the cached index of the unlabeled folders')
+run.add_argument('--arch', default='resnet18', choices=ARCHS)
+run.add_argument('--weights', help='local backbone state dict to start from (its fc is replaced)')
+run.add_argument('--img-size', type=int, default=48, help='input size in pixels (faces are resized to it)')
+run.add_argument('--steps', type=int, default=500)
+run.add_argument('--batch-size', type=int, default=16, help='labeled images per step, per GPU')
+run.add_argument('--lr', type=float, default=0.03)
+run.add_argument('--weight-decay', type=float, default=5e-4)
+run.add_argument('--ema', type=float, default=0.999, help='decay of the weight EMA that is evaluated and saved')
+run.add_argument('--eval-every', type=int, default=100)
+run.add_argument('--save-every', type=int, default=100)
+run.add_argument('--log-every', type=int, default=25)
+run.add_argument('--workers', type=int, help='loader processes per loader (default: data.default_workers)')
+run.add_argument('--seed', type=int, default=0)
+run.add_argument('--out', default='runs/default')
+run.add_argument('--resume', nargs='?', const='last', help='checkpoint to resume (bare flag: OUT/last.pt)')
+run.add_argument('--compile', action='store_true', help='torch.compile the model')
+variants = parser.add_argument_group('variants')
+variants.add_argument('--grey', action='store_true', help='every image grey: a grey labeled set (FER2013) with '
+                      'colour unlabeled faces')
+variants.add_argument('--own-bn', action='store_true', help='unlabeled views are normalised by their own batch '
+                      'statistics and leave the running ones to the labeled images: for unlabeled faces from another '
+                      'domain (face-recognition photos)')
+variants.add_argument('--teacher', default='live', choices=('live', 'ema'),
+                      help='who makes the pseudo-labels: the live model (FixMatch) or its weight EMA')
+variants.add_argument('--balanced', action='store_true', help='class-balanced sampling of the labeled set')
+variants.add_argument('--lr-warmup', type=int, default=0, help='steps of linear learning-rate warm-up')
 args = parser.parse_args()
-# operational settings a resumed run may change; everything else is restored from the checkpoint
+# settings a resumed run may change; everything else is restored from the checkpoint
 OPERATIONAL = ('resume', 'out', 'steps', 'workers', 'eval_every', 'save_every', 'log_every', 'compile', 'reindex')
 
+
+def fail(message):
+    """A mistake of the user's: one line, no traceback."""
+    sys.exit(f'train.py: error: {message}')
+
+
 # -----------------------------------------------------------------------------
-# resume, devices, distributed
+# every value is checked here, before any work starts
 if args.resume:
     path = os.path.join(args.out, 'last.pt') if args.resume == 'last' else args.resume
     if not os.path.isfile(path):
-        sys.exit(f'--resume: no checkpoint {path}')
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)  # a checkpoint is data, never code
-    # a setting the checkpoint's train.py did not have yet was off in that run: its default, not this command's
-    saved_config = checkpoint['config']
+        fail(f'--resume: no checkpoint {path}')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)  # a checkpoint is data, never code
+        saved_config = checkpoint['config']
+    except Exception as error:  # a truncated file, another program's file, a pickle that would run code
+        fail(f'--resume: {path} is not a train.py checkpoint: ' + ('it holds objects other than tensors and plain '
+             'data, which could run code when loaded' if isinstance(error, pickle.UnpicklingError) else repr(error)))
+    # a setting the checkpoint's train.py did not have was off in that run: its default, not this command's
     vars(args).update({k: saved_config.get(k, parser.get_default(k)) for k in vars(args) if k not in OPERATIONAL})
     if checkpoint['step'] >= args.steps:
-        sys.exit(f'{path} is at step {checkpoint["step"]}: pass --steps above it to train on')
+        fail(f'--steps: {path} is at step {checkpoint["step"]}; pass --steps above it to train on')
+for flag, ok, need in [
+        ('--steps', args.steps >= 1, 'at least 1'), ('--batch-size', args.batch_size >= 1, 'at least 1'),
+        ('--mu', args.mu >= 1, 'at least 1'), ('--img-size', args.img_size >= 16, 'at least 16'),
+        ('--lr', args.lr >= 0, 'at least 0'), ('--weight-decay', args.weight_decay >= 0, 'at least 0'),
+        ('--lambda-u', args.lambda_u >= 0, 'at least 0'), ('--ema', 0 <= args.ema < 1, 'in [0, 1)'),
+        ('--tau', 0 < args.tau <= 1, 'in (0, 1]'), ('--dtm-momentum', 0 <= args.dtm_momentum < 1, 'in [0, 1)'),
+        ('--dtm-min', 0 <= args.dtm_min <= (args.tau if args.threshold == 'dtm' else 1), 'in [0, --tau]: T_min <= T_max'),
+        ('--lr-warmup', args.lr_warmup >= 0, 'at least 0'), ('--workers', (args.workers or 0) >= 0, 'at least 0'),
+        *[(f'--{name}-every', getattr(args, f'{name}_every') >= 1, 'at least 1') for name in ('eval', 'save', 'log')]]:
+    if not ok:
+        fail(f'{flag} must be {need}')
+for flag, paths in [('--data', [args.data] if args.data else []), ('--unlabeled', args.unlabeled or []),
+                    ('--weights', [args.weights] if args.weights and not args.resume else [])]:
+    for path in paths:
+        if not os.path.exists(path):
+            fail(f'{flag}: no such file or folder {path}')
+if os.path.isfile(args.out):
+    fail(f'--out: {args.out} is a file; give a folder for the run')
+semi = args.threshold != 'none'
+if semi and not args.unlabeled and (args.data or args.unlabeled == []):  # only the built-in data has a default
+    fail(f'--threshold {args.threshold} needs --unlabeled images (or use --threshold none)')
+
+# -----------------------------------------------------------------------------
+# devices, distributed, precision
 ddp = 'RANK' in os.environ  # set by torchrun
 if ddp:
     dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
@@ -119,7 +154,7 @@ torch.manual_seed(args.seed)
 random.seed(args.seed)
 
 # -----------------------------------------------------------------------------
-# data
+# data: a labeled stream, a validation set, an unlabeled stream
 if args.data is None:
     if master:
         faces.default_data()  # generated once, by rank 0, while the other ranks wait
@@ -128,20 +163,22 @@ if args.data is None:
     args.data = faces.default_data()
     if args.unlabeled is None:
         args.unlabeled = [os.path.join(args.data, 'unlabeled')]
-semi = args.threshold != 'none'
-if args.concat_step and (args.teacher != 'live' or args.own_bn):
-    sys.exit('--concat-step makes the targets in the live model\'s graph and normalises all views together: it needs '
-             '--teacher live and no --own-bn')
-if semi and not args.unlabeled:
-    sys.exit(f'--threshold {args.threshold} needs --unlabeled images (or use --threshold none)')
+step = checkpoint['step'] if args.resume else 0
 augment = data.Augment(args.img_size, args.grey)
-train_set = data.load_labeled(args.data, 'train', args.format)
-val_set = data.load_labeled(args.data, 'val', args.format)
+try:  # a reader names the file (and line) of what it cannot read
+    train_set = data.load_labeled(args.data, 'train', args.format)
+    val_set = data.load_labeled(args.data, 'val', args.format)
+    pool = data.UnlabeledPool([pools.open_pool(p, reindex=args.reindex) for p in args.unlabeled], augment) \
+        if semi else None
+    model = build_model(args.arch, len(train_set.classes), None if args.resume else args.weights).to(device)
+except (OSError, ValueError) as error:
+    fail(error)
 if val_set.classes != train_set.classes:
-    sys.exit(f'validation classes {val_set.classes} differ from training classes {train_set.classes}')
+    fail(f'--data: validation classes {val_set.classes} differ from training classes {train_set.classes}')
+if semi and len(pool) == 0:
+    fail(f'--unlabeled {" ".join(args.unlabeled)}: no images found')
 classes, num_classes = train_set.classes, len(train_set.classes)
 train_set.view, val_set.view = augment.weak_view, augment.eval_view
-step = checkpoint['step'] if args.resume else 0
 weights = data.class_balanced_weights(train_set.labels, num_classes) if args.balanced else None
 # samplers resume from the stream position the last checkpoint had consumed (step * batch per rank)
 labeled_loader = data.loader(train_set, args.batch_size, data.InfiniteSampler(
@@ -149,75 +186,58 @@ labeled_loader = data.loader(train_set, args.batch_size, data.InfiniteSampler(
 val_loader = data.loader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)), 4 * args.batch_size,
                          workers=args.workers)
 if semi:
-    pool = data.UnlabeledPool([pools.open_pool(p, reindex=args.reindex) for p in args.unlabeled], augment)
     unlabeled_loader = data.loader(pool, args.mu * args.batch_size, data.InfiniteSampler(
         len(pool), args.seed + 1, rank, world, step * args.mu * args.batch_size), args.workers, cuda)
 
 # -----------------------------------------------------------------------------
-# model, EMA model, optimizer, schedule, threshold policy
-model = build_model(args.arch, num_classes, None if args.resume else args.weights).to(device)  # resume: in checkpoint
+# model, weight EMA, optimizer, schedule, threshold
 if cuda:
     model = model.to(memory_format=torch.channels_last)
 ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # eval mode: BN uses its running statistics
 decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
 optimizer = torch.optim.SGD([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0)],
                             lr=args.lr, momentum=0.9, nesterov=True)
-# FixMatch's cosine decay: lr * cos(7 pi k / 16 K), after an optional linear warm-up
+# FixMatch's cosine decay lr * cos(7 pi k / 16 K), after an optional linear warm-up
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (args.lr_warmup + 1)) *
                                               math.cos(7 * math.pi * k / (16 * args.steps)))
 scaler = torch.amp.GradScaler('cuda', enabled=cuda and amp_dtype == torch.float16)  # a no-op unless fp16
 threshold = {'dtm': lambda: DynamicThreshold(num_classes, args.dtm_momentum, args.dtm_min, args.tau, args.dtm_relative),
              'fixed': lambda: FixedThreshold(num_classes, args.tau),
              'flexmatch': lambda: FlexMatchThreshold(num_classes, len(pool), args.tau),
-             'freematch': lambda: FreeMatchThreshold(num_classes, args.dtm_momentum),
+             'freematch': lambda: FreeMatchThreshold(num_classes),  # USB's published momentum, 0.999
              'none': lambda: FixedThreshold(num_classes, 1.0)}[args.threshold]().to(device)
 best_f1, best_metrics = -1.0, None
 if args.resume:
-    model.load_state_dict(checkpoint['model'])
-    ema_model.load_state_dict(checkpoint['ema_model'])
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    scheduler.load_state_dict(checkpoint['scheduler'])
+    for name, part in (('model', model), ('ema_model', ema_model), ('optimizer', optimizer),
+                       ('scheduler', scheduler), ('threshold', threshold)):
+        part.load_state_dict(checkpoint[name])
     if checkpoint['scaler']:  # empty when saved without fp16 (CPU, bf16)
         scaler.load_state_dict(checkpoint['scaler'])
-    threshold.load_state_dict(checkpoint['threshold'])
     best_f1, best_metrics = checkpoint['best_f1'], checkpoint['best_metrics']
 raw_model = model
 if args.compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[device] if cuda else None)
+teacher = model if args.teacher == 'live' else ema_model
 ema_params = [t for t in ema_model.state_dict().values() if t.is_floating_point()]
 model_params = [t for t in raw_model.state_dict().values() if t.is_floating_point()]
+unlabeled_statistics = (lambda: own_batch_statistics(raw_model, ema_model)) if args.own_bn else nullcontext
 
 
-batch_norms = [m for net in (raw_model, ema_model) for m in net.modules()
-               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-
-@contextmanager
-def unlabeled_batch_norm():
-    """With --own-bn, a forward of unlabeled faces (in the model or the EMA teacher) normalises them by their own
-    batch statistics, so each domain reaches the classifier standardised on its own, and leaves the running
-    statistics, which evaluation uses, to the labeled images: in train mode with track_running_stats off, batch norm
-    uses the batch's statistics and neither updates nor counts the running ones."""
+def classify(images, strong):
+    """f(weak(x)) and f(strong(u)) with a graph: one forward of both, or with --own-bn two, so that each domain is
+    normalised by its own batch statistics."""
     if not args.own_bn:
-        yield
-        return
-    saved = [(m.training, m.track_running_stats) for m in batch_norms]
-    for m in batch_norms:
-        m.train()
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m, (training, track) in zip(batch_norms, saved):
-            m.train(training)
-            m.track_running_stats = track
+        return model(torch.cat([images, strong])).split([len(images), len(strong)])
+    logits_x = model(images)
+    with unlabeled_statistics():
+        return logits_x, model(strong)
 
 
 @torch.no_grad()
 def update_ema(step):
-    # warm-up the decay so a short run's EMA is not dominated by the random initial weights
+    # the decay warms up as (1 + k) / (10 + k), so a short run's EMA is not dominated by the initial weights
     torch._foreach_lerp_(ema_params, model_params, 1 - min(args.ema, (1 + step) / (10 + step)))
     for ema_t, t in zip(ema_model.buffers(), raw_model.buffers()):
         if not t.is_floating_point():
@@ -225,8 +245,8 @@ def update_ema(step):
 
 
 def sync_buffers():
-    """DDP broadcasts rank 0's BN statistics at every forward; do the same before evaluating and saving,
-    so every rank holds identical models."""
+    """DDP broadcasts rank 0's BN statistics at every forward; so does this before evaluating and saving, so that
+    every rank holds the same models."""
     if ddp:
         for tensor in [*raw_model.buffers(), *ema_model.buffers()]:
             dist.broadcast(tensor, 0)
@@ -234,24 +254,19 @@ def sync_buffers():
 
 # -----------------------------------------------------------------------------
 # logging and checkpoints (rank 0 only)
-# plain str: torch.__version__ is a TorchVersion object, which torch.load(weights_only=True) refuses to unpickle
+# plain str: torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses to unpickle
 versions = dict(python=platform.python_version(), torch=str(torch.__version__), torchvision=torchvision.__version__,
                 pillow=PIL.__version__, cuda=torch.version.cuda, device=torch.cuda.get_device_name() if cuda else 'cpu',
                 world_size=world)
-config = {k: v for k, v in vars(args).items()}
+config = dict(vars(args))
 if master:
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, 'log.jsonl')
-    if args.resume and os.path.exists(log_path):
-        # the steps logged after the checkpoint are trained again: drop their records (and a line cut by a crash),
-        # so the log holds each step once, as the resumed run saw it
-        def kept(line):
-            try:
-                return json.loads(line).get('step', 0) <= step
-            except json.JSONDecodeError:
-                return False
-        with open(log_path) as f, open(log_path + '.tmp', 'w') as tmp:
-            tmp.writelines(line for line in f if kept(line))
+    if args.resume and os.path.exists(log_path):  # the steps after the checkpoint are trained again: drop them
+        with open(log_path) as f:
+            kept = [line for line in f if line.endswith('\n') and json.loads(line).get('step', 0) <= step]
+        with open(log_path + '.tmp', 'w') as f:
+            f.writelines(kept)
         os.replace(log_path + '.tmp', log_path)
     log_file = open(log_path, 'a')
 
@@ -263,7 +278,7 @@ def log(record):
 
 
 def save(name):
-    """Write to a temporary file, then rename: a crash mid-write never destroys the last good checkpoint."""
+    """Write a temporary file, then rename it: a crash mid-write never destroys the last good checkpoint."""
     if not master:
         return
     path = os.path.join(args.out, name)
@@ -291,47 +306,36 @@ unlabeled_iter = iter(unlabeled_loader) if semi else None
 if args.resume:  # after iter(), which draws the loaders' base seeds: the RNG goes on exactly where it was saved
     torch.set_rng_state(checkpoint['rng']['torch'])
     random.setstate(checkpoint['rng']['python'])
-# running sums kept on the device and read only every --log-every steps: no host sync inside the step
-stats = torch.zeros(4 + 2 * num_classes, device=device)  # loss_s, loss_u, mask, steps, per-class accepted, predicted
-# the first step whose loss was not finite, on any rank (sys.maxsize: none yet)
-first_bad_step, one = torch.tensor(sys.maxsize, device=device), torch.ones((), device=device)
+# running sums kept on the device and read every --log-every steps: no host sync inside the step
+stats = torch.zeros(4 + 2 * num_classes, device=device)  # loss_s, loss_u, mask, steps, per class accepted, predicted
+first_bad_step = torch.tensor(sys.maxsize, device=device)  # the first step whose loss was not finite, on any rank
 skipped, data_wait, t_log, t_start, start_step = 0, 0.0, time.time(), time.time(), step
 while step < args.steps:
     model.train()
     t0 = time.time()
-    images, labels = next(labeled_iter)
+    images, labels = (t.to(device, non_blocking=True) for t in next(labeled_iter))
     if semi:
         weak, strong, index, n_skipped = next(unlabeled_iter)
+        weak, strong, index = (t.to(device, non_blocking=True) for t in (weak, strong, index))
         skipped += int(n_skipped.sum())
     data_wait += time.time() - t0
-    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     if cuda:
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast:
         if semi:
-            weak, strong = (t.to(device, non_blocking=True) for t in (weak, strong))
             if cuda:
                 weak, strong = (t.contiguous(memory_format=torch.channels_last) for t in (weak, strong))
-            if args.concat_step:  # the common FixMatch step, for comparison: the weak view joins the graph
-                logits_x, logits_w, logits_u = model(torch.cat([images, weak, strong])).split(
-                    [len(images), len(weak), len(strong)])
-                probs = logits_w.detach().float().softmax(dim=1)
-            else:
-                with torch.no_grad(), unlabeled_batch_norm():  # the weak view only makes targets: no graph
-                    probs = (model if args.teacher == 'live' else ema_model)(weak).float().softmax(dim=1)
-                if args.own_bn:
-                    logits_x = model(images)
-                    with unlabeled_batch_norm():
-                        logits_u = model(strong)
-                else:
-                    logits_x, logits_u = model(torch.cat([images, strong])).split([len(images), len(strong)])
-            pseudo, mask = threshold(probs, index.to(device, non_blocking=True))  # a blocking copy would sync
-            loss_u = (F.cross_entropy(logits_u.float(), pseudo, reduction='none') * mask).mean()  # / (mu B)
+            with torch.no_grad(), unlabeled_statistics():  # the weak view only makes targets: no graph
+                probs = teacher(weak).float().softmax(dim=1)
+            pseudo, mask = threshold(probs, index)
+            logits_x, logits_u = classify(images, strong)
+            loss_u = unlabeled_loss(logits_u, pseudo, mask)
         else:
-            logits_x, loss_u = model(images), torch.zeros((), device=device)
+            logits_x, loss_u, mask = model(images), torch.zeros((), device=device), torch.zeros((), device=device)
         loss_s = F.cross_entropy(logits_x.float(), labels)
-        # the ramp lets the labeled loss shape the classifier before its own pseudo-labels pull on it
-        loss = loss_s + args.lambda_u * min(1.0, (step + 1) / max(args.warmup * args.steps, 1)) * loss_u
+        loss = loss_s + args.lambda_u * loss_u
+        if args.threshold == 'freematch':  # the published FreeMatch adds its fairness term (baselines/thresholds.py)
+            loss = loss + 0.001 * fairness_loss(logits_u, mask, threshold.p_model, threshold.label_hist)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -342,7 +346,7 @@ while step < args.steps:
 
     with torch.no_grad():
         first_bad_step = torch.where(torch.isfinite(loss), first_bad_step, first_bad_step.clamp(max=step))
-        stats[:4] += torch.stack([loss_s.detach(), loss_u.detach(), mask.mean() if semi else loss_u, one])
+        stats[:4] += torch.stack([loss_s.detach(), loss_u.detach(), mask.mean(), torch.ones_like(loss_s)])
         if semi:
             stats[4:4 + num_classes] += torch.bincount(pseudo, weights=mask, minlength=num_classes)
             stats[4 + num_classes:] += torch.bincount(pseudo, minlength=num_classes).float()
@@ -360,20 +364,21 @@ while step < args.steps:
         if ddp:
             dist.all_reduce(totals)
         totals = totals.tolist()
-        n = max(totals[3], 1)
-        accepted, predicted = totals[4:4 + num_classes], totals[4 + num_classes:4 + 2 * num_classes]
-        elapsed = time.time() - t_log
+        n, elapsed = max(totals[3], 1), time.time() - t_log
         images_per_s = n * args.batch_size * (1 + 2 * args.mu * semi) / elapsed  # through the network
         eta = (args.steps - step) * (time.time() - t_start) / (step - start_step)
-        t_value = threshold.threshold().tolist()
-        record = dict(event='train', step=step, loss_s=totals[0] / n, loss_u=totals[1] / n, mask=totals[2] / n,
-                      lr=scheduler.get_last_lr()[0], thresholds=t_value, accepted=accepted, predicted=predicted,
+        record = dict(event='train', step=step, loss_s=totals[0] / n, loss_u=totals[1] / n, lr=scheduler.get_last_lr()[0],
                       images_per_s=images_per_s, data_wait=totals[-1] / world / elapsed, skipped=int(totals[-2]))
+        line = f'step {step}/{args.steps} | loss_s {record["loss_s"]:.3f} '
+        if semi:  # the threshold's columns: supervised runs have none
+            thresholds = threshold.threshold().tolist()
+            record.update(mask=totals[2] / n, thresholds=thresholds, accepted=totals[4:4 + num_classes],
+                          predicted=totals[4 + num_classes:4 + 2 * num_classes])
+            line += f'loss_u {record["loss_u"]:.3f} | mask {record["mask"]:.2f} | ' \
+                    f'T {min(thresholds):.2f}..{max(thresholds):.2f} '
         log(record)
         if master:
-            print(f'step {step}/{args.steps} | loss_s {record["loss_s"]:.3f} loss_u {record["loss_u"]:.3f} | '
-                  f'mask {record["mask"]:.2f} | T {min(t_value):.2f}..{max(t_value):.2f} | '
-                  f'{images_per_s:.0f} img/s, data wait {100 * record["data_wait"]:.0f}% | '
+            print(line + f'| {images_per_s:.0f} img/s, data wait {100 * record["data_wait"]:.0f}% | '
                   f'eta {eta / 60:.1f} min' + (f' | {int(totals[-2])} unreadable skipped' if totals[-2] else ''))
         stats.zero_()
         data_wait, t_log = 0.0, time.time()
@@ -395,12 +400,12 @@ while step < args.steps:
 if master:
     print(f'\nbest validation macro F1 {best_f1:.4f} (EMA model, saved in {args.out}/best.pt)')
     print(format_table(best_metrics))
-    if semi:  # supervised runs have no thresholds to show
-        thresholds = threshold.threshold().tolist()
-        print('final per-class thresholds: ' + ', '.join(f'{c} {t:.3f}' for c, t in zip(classes, thresholds)))
+    end = dict(event='end', step=step, best_macro_f1=best_f1, best=best_metrics, skipped=skipped)
+    if semi:
+        end['thresholds'] = threshold.threshold().tolist()
+        print('final per-class thresholds: ' + ', '.join(f'{c} {t:.3f}' for c, t in zip(classes, end['thresholds'])))
     if skipped:
         print(f'{skipped} unreadable unlabeled images were skipped')
-    log(dict(event='end', step=step, best_macro_f1=best_f1, best=best_metrics, skipped=skipped,
-             thresholds=threshold.threshold().tolist()))
+    log(end)
 if ddp:
     dist.destroy_process_group()
