@@ -1,10 +1,14 @@
 """
-Data pipeline: labeled and unlabeled datasets, weak and strong augmentation, samplers and loaders.
+Data pipeline: labeled sets and unlabeled pools decoded to uint8 tensors, samplers and batch streams, and the weak
+and strong augmentation of whole batches on the training device.
 
 Where the images come from is formats.py (labeled sets as their owners ship them), pools.py (unlabeled faces:
-folders, RecordIO, labeled sets) and faces.py (the built-in procedural faces). This file turns them into batches:
+folders, RecordIO, labeled sets) and faces.py (the built-in procedural faces). Loader workers only read and decode
+(Decode); the training step augments each batch where it trains (Augment), with parameters drawn per image from a
+seeded generator, so no worker's CPU time bounds a GPU step.
     python data.py PATH [PATH ...] [--json]    shows what a dataset holds before you train on it (format, images
-                                               per class and split, what was skipped and why; or the pool size)
+                                               per class and split, what was skipped and why; for a pool, its size
+                                               and how many files open as images)
     python data.py                             generates the built-in face set into data/faces
 """
 import argparse
@@ -12,12 +16,15 @@ import bisect
 import contextlib
 import itertools
 import json
+import math
 import os
+import re
 import sys
 from collections import Counter
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
 from sources import faces, formats, pools
@@ -25,89 +32,263 @@ from sources import faces, formats, pools
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 # -----------------------------------------------------------------------------
-# augmentation
+# decoding: loaders deliver uint8 images at the training size; augmentation happens batched, on the device
 
 
-class Augment:
-    """decode -> uint8 tensor at img_size, then the weak view (flip + translate) and, for unlabeled images, the
-    strong view (weak + RandAugment + Cutout). Both views are made from one decode. On 48-112 px faces the cost
-    of a transform is mostly per-call overhead, so the weak view, the normalisation and Cutout are written out
-    (torchvision's v2 transforms, same distributions) and RandAugment runs on PIL images, where it is faster
-    (python bench.py measures each stage). grey=True turns every image grey (3 equal channels): a model trained on
-    grey labeled faces (FER2013) never sees colour, so colour unlabeled faces (LFW) would lie outside its domain."""
+class Decode:
+    """PIL image -> uint8 tensor (3, img_size, img_size). grey=True turns every image grey (3 equal channels): a model
+    trained on grey labeled faces (FER2013) never sees colour, so colour unlabeled faces (LFW) would lie outside its
+    domain."""
 
     def __init__(self, img_size, grey=False):
-        self.size, self.pad, self.grey = img_size, img_size // 8, grey
+        self.size, self.grey = img_size, grey
         self.resize = v2.Resize((img_size, img_size), antialias=True)
-        self.randaugment = v2.RandAugment(num_ops=2, magnitude=10)
-        self.mean, self.std = (255 * torch.tensor(v).view(3, 1, 1) for v in (MEAN, STD))
 
-    def decode(self, image):
+    def __call__(self, image):
         image = v2.functional.pil_to_tensor(image)
         if self.grey:  # ITU-R 601 luma, as PIL's convert('L')
             image = v2.functional.rgb_to_grayscale(image, num_output_channels=3)
-        return image if list(image.shape[-2:]) == list(self.resize.size) else self.resize(image)
+        return image if image.shape[-2:] == (self.size, self.size) else self.resize(image)
 
-    def weak(self, image):
-        """RandomHorizontalFlip + RandomCrop(img_size, padding=img_size // 8, padding_mode='reflect'): a flip with
-        probability 1/2, then a translation by up to img_size/8 pixels each way, reflect-padded."""
-        if torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        image = torch.nn.functional.pad(image, [self.pad] * 4, mode='reflect')
-        top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
-        return image[:, top:top + self.size, left:left + self.size]
 
-    def normalize(self, image):
-        """ToDtype(float32, scale=True) then Normalize(MEAN, STD), in one pass: (x - 255 mean) / (255 std)."""
-        return image.to(torch.float32).sub_(self.mean).div_(self.std)
+def normalize(images):
+    """uint8 images (N, 3, H, W), on any device -> float32: ToDtype(float32, scale=True) then Normalize(MEAN, STD)."""
+    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (MEAN, STD))
+    return images.to(torch.float32).div_(255).sub_(mean).div_(std)
 
-    def cutout(self, image):
-        """RandomErasing(p=1, scale=(0.02, 0.15), ratio=(0.3, 3.3), value=0) on a normalised view, in place: a box
-        of 2-15% of the area, aspect ratio log-uniform in [0.3, 3.3] (so it always fits), anywhere, set to 0."""
-        area, log_ratio, top, left = torch.rand(4).tolist()
-        area, ratio = self.size ** 2 * (0.02 + 0.13 * area), 0.3 * 11 ** log_ratio
-        h, w = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
-        top, left = int(top * (self.size - h + 1)), int(left * (self.size - w + 1))
-        image[:, top:top + h, left:left + w] = 0
-        return image
 
-    def eval_view(self, image):
-        return self.normalize(self.decode(image))
+# -----------------------------------------------------------------------------
+# augmentation: whole batches, on whatever device they are on, every random parameter drawn per sample on the CPU
 
-    def weak_view(self, image):
-        return self.normalize(self.weak(self.decode(image)))
 
-    def two_views(self, image):
-        image = self.decode(image)
-        weak = self.weak(image)
-        strong = v2.functional.pil_to_tensor(self.randaugment(v2.functional.to_pil_image(self.weak(image))))
-        return self.normalize(weak), self.cutout(self.normalize(strong))
+def randaugment_ops(img_size, magnitude=10, bins=31):
+    """torchvision v2.RandAugment's operations, in its order: name -> (magnitude at `magnitude` of `bins`, whether
+    it is negated half of the time). The magnitudes are computed as torchvision computes them (float32 linspace),
+    so a threshold such as Solarize's 255 * 2/3 compares to pixels exactly as there."""
+    def at(values):
+        return float(values[magnitude])
+    posterize_bits = (8 - (torch.arange(bins) / ((bins - 1) / 4))).round().int()
+    return {'Identity': (0.0, False),
+            'ShearX': (at(torch.linspace(0.0, 0.3, bins)), True),
+            'ShearY': (at(torch.linspace(0.0, 0.3, bins)), True),
+            'TranslateX': (at(torch.linspace(0.0, 150.0 / 331.0 * img_size, bins)), True),
+            'TranslateY': (at(torch.linspace(0.0, 150.0 / 331.0 * img_size, bins)), True),
+            'Rotate': (at(torch.linspace(0.0, 30.0, bins)), True),
+            'Brightness': (at(torch.linspace(0.0, 0.9, bins)), True),
+            'Color': (at(torch.linspace(0.0, 0.9, bins)), True),
+            'Contrast': (at(torch.linspace(0.0, 0.9, bins)), True),
+            'Sharpness': (at(torch.linspace(0.0, 0.9, bins)), True),
+            'Posterize': (at(posterize_bits), False),
+            'Solarize': (at(torch.linspace(1.0, 0.0, bins)), False),
+            'AutoContrast': (0.0, False),
+            'Equalize': (0.0, False)}
+
+
+GEOMETRIC = ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate')
+
+
+class Augment:
+    """FixMatch's views of uint8 batches (N, 3, S, S), made on the device the batch is on:
+        weak    RandomHorizontalFlip + RandomCrop(S, padding=S // 8, padding_mode='reflect')
+        strong  weak + RandAugment(num_ops=2, magnitude=10, fill 0), as torchvision's v2.RandAugment
+        cutout  RandomErasing(p=1, scale=(0.02, 0.15), ratio=(0.3, 3.3), value=0), on the normalised strong view
+    Each image gets its own parameters (flip, offsets, operations, signs, box), all drawn on the CPU from the
+    `generator` passed in, then moved to the images' device: a batch's views are a function of the generator's seed
+    alone, with the same parameters on the CPU and a GPU, and a run that seeds it from the step number makes the
+    same views again when resumed. The operations match torchvision's v2.functional image by image
+    (tests/test_augment.py)."""
+
+    def __init__(self, img_size, *, num_ops=2, magnitude=10):
+        self.size, self.pad, self.num_ops = img_size, img_size // 8, num_ops
+        ops = randaugment_ops(img_size, magnitude)
+        self.names = list(ops)
+        self.magnitudes = torch.tensor([m for m, _ in ops.values()], dtype=torch.float64)
+        self.signed = torch.tensor([signed for _, signed in ops.values()])
+
+    # the two entry points of the training step: normalised float views
+
+    def labeled_view(self, images, generator):
+        return normalize(self.weak(images, generator))
+
+    def unlabeled_views(self, images, generator):
+        """(weak, strong with Cutout), normalised: both from the same images, each with its own weak draw."""
+        weak, strong = self.weak(images, generator), self.strong(images, generator)
+        return normalize(weak), self.cutout(normalize(strong), generator)
+
+    # the views
+
+    def weak(self, images, generator):
+        """A flip with probability 1/2, then a translation by up to S/8 pixels each way, reflect-padded. Both are
+        a choice of source pixel, so the view is a gather: row y of the view is row reflect(y + top - pad) of the
+        image, and column x is column reflect(x + left - pad) of the image, mirrored (S - 1 - column) if flipped."""
+        n, s = len(images), self.size
+        flip = torch.rand(n, generator=generator) < 0.5
+        top, left = torch.randint(0, 2 * self.pad + 1, (2, n), generator=generator)
+        rows = reflect(torch.arange(s) + top[:, None] - self.pad, s)
+        cols = reflect(torch.arange(s) + left[:, None] - self.pad, s)
+        cols = torch.where(flip[:, None], s - 1 - cols, cols)
+        source = (rows[:, :, None] * s + cols[:, None, :]).view(n, 1, s * s).to(images.device)  # flat pixel index
+        return images.flatten(2).gather(2, source.expand(n, 3, s * s)).view(n, 3, s, s)
+
+    def strong(self, images, generator):
+        return self.randaugment(self.weak(images, generator), generator)
+
+    def randaugment(self, images, generator):
+        """num_ops rounds; in each, every image takes one of the 14 operations uniformly at random, at the fixed
+        magnitude, negated with probability 1/2 where the operation is signed."""
+        n = len(images)
+        for _ in range(self.num_ops):
+            op = torch.randint(len(self.names), (n,), generator=generator)
+            negate = torch.rand(n, generator=generator) <= 0.5
+            magnitude = self.magnitudes[op] * torch.where(self.signed[op] & negate, -1.0, 1.0)
+            images = self.apply(images, op, magnitude)
+        return images
+
+    def apply(self, images, op, magnitude):
+        """Image i through operation names[op[i]] at magnitude[i]: the geometric ones in one affine warp with a
+        matrix per image, each colour operation on the images that drew it."""
+        out, h, w = images.clone(), images.shape[-2], images.shape[-1]
+        geometric = torch.tensor([self.names[k] in GEOMETRIC for k in op.tolist()])
+        if geometric.any():
+            chosen = geometric.nonzero()[:, 0]
+            matrices = affine_matrices([self.names[k] for k in op[chosen].tolist()], magnitude[chosen], h, w)
+            chosen = chosen.to(images.device)
+            out[chosen] = warp(images[chosen], matrices.to(images.device))
+        for k, name in enumerate(self.names):
+            chosen = (op == k).nonzero()[:, 0]
+            if name in COLOUR_OPS and len(chosen):
+                m = magnitude[chosen].to(images.device, torch.float32).view(-1, 1, 1, 1)
+                chosen = chosen.to(images.device)
+                out[chosen] = COLOUR_OPS[name](images[chosen], m)
+        return out
+
+    def cutout(self, views, generator):
+        """A box per view set to 0: its area a uniform 2-15% of the image, its aspect ratio h/w log-uniform in
+        [0.3, 3.3], its corner uniform where it fits. RandomErasing retries boxes that do not fit; these always do
+        (at most sqrt(0.15 * 3.3) = 0.7 of a side)."""
+        n, s = len(views), self.size
+        area = s * s * (0.02 + 0.13 * torch.rand(n, generator=generator, dtype=torch.float64))
+        ratio = torch.exp(math.log(0.3) + math.log(3.3 / 0.3) * torch.rand(n, generator=generator, dtype=torch.float64))
+        h, w = (area * ratio).sqrt().round().long(), (area / ratio).sqrt().round().long()
+        top = (torch.rand(n, generator=generator, dtype=torch.float64) * (s - h + 1)).long()
+        left = (torch.rand(n, generator=generator, dtype=torch.float64) * (s - w + 1)).long()
+        top, left, h, w = (t.to(views.device)[:, None] for t in (top, left, h, w))
+        pixels = torch.arange(s, device=views.device)
+        rows, cols = (top <= pixels) & (pixels < top + h), (left <= pixels) & (pixels < left + w)
+        return views.masked_fill((rows[:, :, None] & cols[:, None, :])[:, None], 0)
+
+
+def reflect(index, size):
+    """Reflect padding's source index (the edge pixel not repeated): -1 -> 1, size -> size - 2."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+# RandAugment's geometric operations: one affine warp
+
+
+def affine_matrices(names, magnitude, h, w):
+    """The matrix torchvision's v2.functional uses for each image's operation names[i] at magnitude[i], called as
+    RandAugment calls it: affine(shear=degrees(atan(m)), center=[0, 0]) for ShearX/Y (m pixels across per pixel
+    down, about the top-left corner), affine(translate=int(m)) for TranslateX/Y, rotate(m) for Rotate."""
+    def only(*ops):  # which images drew one of ops
+        return torch.tensor([name in ops for name in names])
+    zero = torch.zeros_like(magnitude)
+    shear, offset = torch.rad2deg(torch.atan(magnitude)), magnitude.trunc()
+    corner = torch.tensor([-w / 2, -h / 2], dtype=torch.float64)  # the top-left corner, from the image centre
+    return inverse_affine(
+        angle=torch.where(only('Rotate'), -magnitude, zero),  # rotate() turns counter-clockwise, affine() clockwise
+        translate=torch.stack([torch.where(only('TranslateX'), offset, zero),
+                               torch.where(only('TranslateY'), offset, zero)], 1),
+        shear=torch.stack([torch.where(only('ShearX'), shear, zero), torch.where(only('ShearY'), shear, zero)], 1),
+        center=torch.where(only('ShearX', 'ShearY')[:, None], corner, 0.0))
+
+
+def inverse_affine(angle, translate, shear, center):
+    """torchvision's _get_inverse_affine_matrix at scale 1, for a batch: angles and shears in degrees (N,), (N, 2),
+    translation and centre in pixels from the image centre (N, 2). The forward map is T C R Sy Sx C^-1 (shear,
+    rotate about the centre, translate); the (N, 2, 3) result is its inverse C (R Sy Sx)^-1 C^-1 T^-1, which takes
+    an output pixel to the input pixel it shows."""
+    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear[:, 0]), torch.deg2rad(shear[:, 1])
+    a = torch.cos(rot - sy) / torch.cos(sy)  # R Sy Sx = [[a, b], [c, d]], determinant 1
+    b = -(a * torch.tan(sx) + torch.sin(rot))
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = torch.cos(rot) - c * torch.tan(sx)
+    (cx, cy), (x, y) = center.unbind(1), (center + translate).unbind(1)
+    return torch.stack([torch.stack([d, -b, cx - d * x + b * y], 1),
+                        torch.stack([-c, a, cy + c * x - a * y], 1)], 1)
+
+
+def warp(images, matrices):
+    """Image i resampled through matrices[i] (nearest neighbour, 0 outside), as v2.functional.affine does for one
+    image: each output pixel centre, in coordinates from the image centre, mapped by the matrix and scaled to
+    grid_sample's [-1, 1]."""
+    n, c, h, w = images.shape
+    x = torch.linspace((1 - w) / 2, (w - 1) / 2, w, device=images.device).view(1, 1, w)
+    y = torch.linspace((1 - h) / 2, (h - 1) / 2, h, device=images.device).view(1, h, 1)
+    theta = (matrices.to(torch.float32) / torch.tensor([[w / 2], [h / 2]], device=images.device)).view(n, 2, 3, 1, 1)
+    grid = torch.stack([x * theta[:, k, 0] + y * theta[:, k, 1] + theta[:, k, 2] for k in range(2)], -1)
+    resampled = F.grid_sample(images.to(torch.float32), grid, mode='nearest', padding_mode='zeros',
+                              align_corners=False)
+    return resampled.round_().to(torch.uint8)
+
+
+# RandAugment's colour operations: (uint8 images (n, 3, H, W), per-image magnitude (n, 1, 1, 1)) -> uint8 images
+
+
+def blend(images, other, factor):
+    """PIL's ImageEnhance: factor 1 is the image, 0 is `other` (grey, the mean, a blur), beyond 1 extrapolates."""
+    # images f + other (1 - f), summed as torchvision's add(alpha=) sums it: the same truncation to uint8
+    return torch.addcmul(images * factor, other, 1 - factor).clamp_(0, 255).to(torch.uint8)
+
+
+def luma(images):
+    """ITU-R 601 grey, floored to the integers a uint8 grey image would hold."""
+    r, g, b = images.to(torch.float32).unbind(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_()[:, None]  # as torchvision sums it
+
+
+def sharpness(images, factor):
+    """Blend with the image smoothed by PIL's SMOOTH kernel (1 around a centre of 5, over 13); the one-pixel border
+    stays as it is. The sums are of integers, so any order of summing gives torchvision's rounded result."""
+    out, (h, w) = images.to(torch.float32), images.shape[-2:]
+    inner = out[..., 1:-1, 1:-1]
+    smooth = (sum(out[..., i:i + h - 2, j:j + w - 2] for i in range(3) for j in range(3)) + 4 * inner).div_(13)
+    inner.addcmul_(smooth.round_() - inner, 1 - factor)  # blend(inner, smooth, factor), in place
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def posterize(images, bits):
+    """Keep the `bits` high bits of every channel."""
+    mask = (255 << (8 - bits.to(torch.int32))) & 255
+    return images & mask.to(torch.uint8)
+
+
+COLOUR_OPS = {
+    'Brightness': lambda x, m: (x * (1 + m)).clamp_(0, 255).to(torch.uint8),
+    'Color': lambda x, m: blend(x, luma(x), 1 + m),
+    'Contrast': lambda x, m: blend(x, luma(x).mean((1, 2, 3), keepdim=True), 1 + m),
+    'Sharpness': lambda x, m: sharpness(x, 1 + m),
+    'Posterize': posterize,
+    'Solarize': lambda x, m: torch.where(x >= 255 * m, 255 - x, x),  # invert the pixels at or above the threshold
+    # parameter-free, and torchvision's kernels already work image by image (and channel by channel) on a batch
+    'AutoContrast': lambda x, m: v2.functional.autocontrast(x),
+    'Equalize': lambda x, m: v2.functional.equalize(x),
+}
 
 
 # -----------------------------------------------------------------------------
 # datasets
 
 
-def seeded(key):
-    """Keys from InfiniteSampler are (index, seed): the augmentation of a sample is a function of its position
-    in the stream, whatever worker draws it, so a resumed run sees exactly the images it would have seen."""
-    if isinstance(key, tuple):
-        index, seed = key
-        # the CPU generator only, which the augmentations draw from: torch.manual_seed also seeds every
-        # accelerator's generator, and while those are uninitialised (a loader worker) queues each call with a
-        # formatted stack trace, ~0.7 ms a sample (bench.py); nor would fork_rng(devices=[]) restore them
-        torch.default_generator.manual_seed(seed)
-        return index
-    return key
-
-
 class LabeledSet(Dataset):
-    """items[i] is an image source for open_image, labels[i] its class index into classes."""
+    """items[i] is an image source for open_image, labels[i] its class index into classes. Returns (uint8 image,
+    label)."""
 
     def __init__(self, items, labels, classes, name, skipped=None):
         self.items, self.labels, self.classes, self.name = items, labels, classes, name
         self.skipped = skipped or {}  # reason -> count, for `python data.py` and the logs
-        self.view = None  # set by the user of the set: Augment.weak_view or Augment.eval_view
+        self.decode = None  # set by the user of the set: a Decode
 
     def __len__(self):
         return len(self.items)
@@ -118,10 +299,8 @@ class LabeledSet(Dataset):
         except (OSError, ValueError) as error:
             raise RuntimeError(f'{self.name}: cannot read image {self.items[index]}: {error}') from None
 
-    def __getitem__(self, key):
-        with torch.random.fork_rng(devices=[]):
-            index = seeded(key)
-            return self.view(self.read(index)), self.labels[index]
+    def __getitem__(self, index):
+        return self.decode(self.read(index)), self.labels[index]
 
 
 def load_labeled(root, split, fmt=None):
@@ -131,12 +310,12 @@ def load_labeled(root, split, fmt=None):
 
 class UnlabeledPool(Dataset):
     """The pools of one or more --unlabeled sources (open_pool) under one global index, so per-sample state
-    (FlexMatch's memory) has one slot per image. Returns (weak view, strong view, index, skipped). An unreadable,
-    truncated or non-image file is replaced by the next readable one and counted in `skipped`, so one bad file in
-    a million never stops training."""
+    (FlexMatch's memory) has one slot per image. Returns (uint8 image, index, skipped). An unreadable, truncated or
+    non-image file is replaced by the next readable one and counted in `skipped`, so one bad file in a million never
+    stops training."""
 
-    def __init__(self, sources, augment):
-        self.sources, self.augment = list(sources), augment
+    def __init__(self, sources, decode):
+        self.sources, self.decode = list(sources), decode
         self.ends = list(itertools.accumulate(len(s) for s in self.sources))  # source k: [ends[k-1], ends[k])
 
     def __len__(self):
@@ -146,19 +325,21 @@ class UnlabeledPool(Dataset):
         k = bisect.bisect_right(self.ends, i)
         return self.sources[k], i - (self.ends[k - 1] if k else 0)
 
-    def __getitem__(self, key):
-        with torch.random.fork_rng(devices=[]):
-            index = seeded(key)
-            for skipped in range(100):
-                i = (index + skipped) % len(self)
-                source, j = self.locate(i)
-                try:
-                    image = source.read(j)
-                except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError, EOFError... on bad files
-                    print(f'warning: skipping unreadable image {source.name(j)}: {error}', file=sys.stderr)
-                    continue
-                weak, strong = self.augment.two_views(image)
-                return weak, strong, i, skipped
+    def read(self, i):
+        """Image i decoded, or None (with a warning) when its file is not a readable image."""
+        source, j = self.locate(i)
+        try:
+            return self.decode(source.read(j))
+        except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError, EOFError... on bad files
+            print(f'warning: skipping unreadable image {source.name(j)}: {error}', file=sys.stderr)
+            return None
+
+    def __getitem__(self, index):
+        for skipped in range(100):
+            i = (index + skipped) % len(self)
+            image = self.read(i)
+            if image is not None:
+                return image, i, skipped
         source, j = self.locate(index)
         raise RuntimeError(f'100 unreadable images in a row in the unlabeled pool, from {source.name(j)}')
 
@@ -168,9 +349,9 @@ class UnlabeledPool(Dataset):
 
 
 class InfiniteSampler(Sampler):
-    """An endless stream of (index, seed): epoch e is a permutation drawn from (seed, e), or with `weights` a
-    weighted draw with replacement (class-balanced sampling). Rank r of `world` takes stream positions
-    r, r + world, ... so ranks see different samples; `start` skips this rank's first `start` samples (resume)."""
+    """An endless stream of indices: epoch e is a permutation drawn from (seed, e), or with `weights` a weighted
+    draw with replacement (class-balanced sampling). Rank r of `world` takes stream positions r, r + world, ... so
+    ranks see different samples; `start` skips this rank's first `start` samples (resume)."""
 
     def __init__(self, size, seed, rank=0, world=1, start=0, weights=None):
         self.size, self.seed, self.rank, self.world, self.start, self.weights = size, seed, rank, world, start, weights
@@ -187,7 +368,7 @@ class InfiniteSampler(Sampler):
             if position // self.size != epoch:
                 epoch = position // self.size
                 order = self.epoch_order(epoch)
-            yield order[position % self.size], (self.seed * 1_000_003 + position) % 2**62
+            yield order[position % self.size]
             position += self.world
 
 
@@ -198,9 +379,8 @@ def class_balanced_weights(labels, num_classes):
 
 def default_workers(cuda):
     """Processes per loader when --workers is not given. On the CPU the workers share the cores with the step: 2.
-    On a GPU the cores only feed it, and the unlabeled pipeline (decode, two views, RandAugment) is what bounds the
-    throughput: half the cores per loader, per process under torchrun. bench.py on a 16-core H100 host (B=16, mu=7,
-    48 px) fed the step at 0.23 of its pre-made-batch throughput with 2 workers, 0.58 with 6, 0.60 with 12."""
+    On a GPU the cores only feed it, reading and decoding files: half the cores per loader, per process under
+    torchrun."""
     if not cuda:
         return 2
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 2
@@ -213,21 +393,149 @@ def loader(dataset, batch_size, sampler=None, workers=2, pin_memory=False):
                       prefetch_factor=4 if workers > 0 else None)
 
 
+class InMemory(Dataset):
+    """A labeled set or pool decoded once: `columns` are the tensors its source returns, (images, labels) for a
+    labeled set, (images, index, skipped) for a pool, `images` one uint8 tensor (N, 3, S, S) on the CPU or the
+    training device. A pool's unreadable images were dropped (counted in `unreadable`): its index runs 0 .. len - 1,
+    one slot per kept image for per-sample state."""
+
+    def __init__(self, columns, unreadable=0, classes=None, name='unlabeled pool'):
+        self.columns, self.unreadable, self.classes, self.name = columns, unreadable, classes, name
+        self.images = columns[0]
+        self.labels = columns[1].tolist() if classes is not None else None
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return tuple(column[index] for column in self.columns)
+
+
+class Readable(Dataset):
+    """What in_memory decodes: (image, label) of a labeled set; (image or None,) of a pool, an unreadable image
+    not replaced by the next one."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return (self.dataset.read(i),) if isinstance(self.dataset, UnlabeledPool) else self.dataset[i]
+
+
+def stack_readable(samples):
+    """Collate in the worker: (the readable samples stacked, or None; how many were not readable)."""
+    readable = [s for s in samples if s[0] is not None]
+    return (default_collate(readable) if readable else None), len(samples) - len(readable)
+
+
+def in_memory(dataset, workers=2, device='cpu'):
+    """Decode every image of a LabeledSet or UnlabeledPool once, through `workers` processes, into one uint8 tensor
+    (empty_images): the images of a run are then decoded once, not once an epoch. 48 px faces take 7 kB each."""
+    pool, images, labels, kept, unreadable = isinstance(dataset, UnlabeledPool), None, [], 0, 0
+    for readable, bad in DataLoader(Readable(dataset), batch_size=256, num_workers=workers,
+                                    collate_fn=stack_readable):
+        unreadable += bad
+        if readable is None:
+            continue
+        if images is None:  # one image's size is known now: place the whole tensor
+            images = empty_images((len(dataset), *readable[0].shape[1:]), torch.device(device))
+        images[kept:kept + len(readable[0])] = readable[0]
+        kept += len(readable[0])
+        labels += readable[1:]
+    if images is None:
+        raise RuntimeError(f'{dataset.name if not pool else "the unlabeled pool"}: no readable image')
+    if not pool:
+        return InMemory((images, torch.cat(labels).to(images.device)), 0, dataset.classes, dataset.name)
+    if unreadable:
+        print(f'warning: {unreadable} unreadable images dropped from the unlabeled pool', file=sys.stderr)
+    index = torch.arange(kept, device=images.device)
+    return InMemory((images[:kept], index, torch.zeros_like(index)), unreadable)
+
+
+def empty_images(shape, device):
+    """An uninitialised uint8 tensor on `device` when it fits in half its free memory (the other half for the
+    model), else in the CPU's, pinned when `device` is a GPU so that batches copy to it asynchronously."""
+    if device.type != 'cuda':
+        return torch.empty(shape, dtype=torch.uint8)
+    if math.prod(shape) < torch.cuda.mem_get_info(device)[0] // 2:
+        return torch.empty(shape, dtype=torch.uint8, device=device)
+    return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+
+
+def batches(dataset, batch_size, sampler, workers=2, device='cpu'):
+    """An endless stream of batches, tuples of tensors already on `device`, in the order of `sampler` (an
+    InfiniteSampler). An InMemory dataset is indexed directly (on its device, or through pinned memory); any other
+    one streams through `workers` loader processes, pinned on CUDA so the copies run asynchronously."""
+    device = torch.device(device)
+    cuda = device.type == 'cuda'
+    if isinstance(dataset, InMemory):
+        indices = iter(sampler)
+        while True:
+            index = torch.tensor(list(itertools.islice(indices, batch_size)))
+            batch = dataset[index.to(dataset.images.device)]
+            if cuda and dataset.images.device.type == 'cpu':
+                batch = tuple(t.pin_memory() for t in batch)
+            yield tuple(t.to(device, non_blocking=True) for t in batch)
+    for batch in loader(dataset, batch_size, sampler, workers, pin_memory=cuda):
+        yield tuple(t.to(device, non_blocking=True) for t in batch)
+
+
 # -----------------------------------------------------------------------------
 # python data.py PATH [PATH ...] [--json]: what a dataset holds, before training on it
 
 
-def describe(path, fmt=None):
+CHECK_UP_TO = 20_000  # pools up to this size are read in full by `python data.py`; --check-all reads any
+
+
+class PoolCheck(Dataset):
+    """Reads image i of a pool: '' when it opens as an image, else why not (the reason without the file's name or
+    numbers, so that files failing alike are counted together)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def __len__(self):
+        return len(self.pool)
+
+    def __getitem__(self, i):
+        try:
+            self.pool.read(i)
+            return i, ''
+        except Exception as error:
+            message = re.sub(r"'[^']*'|\"[^\"]*\"|<[^>]*>", '', str(error).replace(self.pool.name(i), ''))
+            return i, f'{type(error).__name__}: {" ".join(re.sub(r"[0-9]+", "N", message).split())}'
+
+
+def check_pool(pool, workers):
+    """(readable count, {reason: count}, {reason: first file}) after reading every image of pool."""
+    reasons, examples = Counter(), {}
+    for batch in DataLoader(PoolCheck(pool), batch_size=64, num_workers=workers, collate_fn=list):
+        for i, reason in batch:
+            if reason:
+                reasons[reason] += 1
+                examples.setdefault(reason, pool.name(i))
+    return len(pool) - sum(reasons.values()), dict(reasons), examples
+
+
+def describe(path, fmt=None, check_all=False, workers=0):
     """A dict of what path holds: the labeled format and, per split, images per class and what was skipped and
-    why; or, for a path in no labeled format, the size of the unlabeled pool it is."""
+    why; or, for a path in no labeled format, the unlabeled pool it is: its size and, read in full when it holds up
+    to CHECK_UP_TO images or with check_all, how many open as images and why the others do not."""
     try:
         fmt = fmt or formats.detect_format(path)
     except (OSError, ValueError) as error:
         try:
             with contextlib.redirect_stdout(sys.stderr):  # indexing a folder pool reports on stdout: keep --json clean
-                return dict(path=path, format='unlabeled', images=len(pools.open_pool(path)))
+                pool = pools.open_pool(path)
         except (OSError, ValueError):
             return dict(path=path, error=str(error))
+        found = dict(path=path, format='unlabeled', images=len(pool), checked=check_all or len(pool) <= CHECK_UP_TO)
+        if found['checked']:
+            found['readable'], found['unreadable'], found['examples'] = check_pool(pool, workers)
+        return found
     splits = {}
     for split in formats.SPLITS[fmt]:
         if fmt == 'imagefolder' and not os.path.isdir(os.path.join(path, split)):
@@ -244,10 +552,17 @@ def describe(path, fmt=None):
 
 
 def describe_text(found):
-    if 'error' in found:
-        return f'{found["path"]}: {found["error"]}'
+    if 'error' in found:  # the reader's messages mostly start with the path already
+        error = found['error']
+        return error if error.startswith(found['path']) else f'{found["path"]}: {error}'
     if found['format'] == 'unlabeled':
-        return f'{found["path"]}: unlabeled pool of {found["images"]} images'
+        line = f'{found["path"]}: unlabeled pool of {found["images"]} images'
+        if not found['checked']:
+            return f'{line}; not read (over {CHECK_UP_TO}: --check-all reads every image)'
+        lines = [f'{line}; all read: {found["readable"]} open as images, {found["images"] - found["readable"]} '
+                 f'do not']
+        lines.extend(f'    {n}: {reason} (e.g. {found["examples"][reason]})' for reason, n in found['unreadable'].items())
+        return '\n'.join(lines)
     lines = [f'{found["path"]}: {found["format"]}']
     for split, s in found['splits'].items():
         if 'error' in s:
@@ -262,15 +577,25 @@ def describe_text(found):
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description='With no PATH, generate the built-in face set into data/faces. '
                                      'With PATHs, show what each holds: the detected format, images per class and '
-                                     'split, and what was skipped and why; or the size of an unlabeled pool.')
+                                     'split, and what was skipped and why; or, for an unlabeled pool, its size and '
+                                     'how many of its files open as images.')
     parser.add_argument('paths', nargs='*', metavar='PATH', help='labeled set roots, CSV files or unlabeled pools')
     parser.add_argument('--format', choices=formats.FORMATS, help='labeled format (default: detected from each PATH)')
+    parser.add_argument('--check-all', action='store_true',
+                        help=f'read every image of an unlabeled pool, however large (default: pools up to '
+                             f'{CHECK_UP_TO} images)')
+    parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
+                        help='processes reading a pool (default: the cores, at most 8)')
     parser.add_argument('--json', action='store_true', help='print JSON instead of text')
     args = parser.parse_args()
     if not args.paths:
         faces.default_data()
     else:
-        found = [describe(path, args.format) for path in args.paths]
-        print(json.dumps(found, indent=1) if args.json else '\n'.join(map(describe_text, found)))
+        found = [describe(path, args.format, args.check_all, args.workers) for path in args.paths]
+        if args.json:
+            print(json.dumps(found, indent=1))
+        else:
+            for f in found:  # a path that cannot be read: its one line on stderr
+                print(describe_text(f), file=sys.stderr if 'error' in f else sys.stdout)
         # exit status 1 when a path or a split could not be read, for scripts
         sys.exit(any('error' in f or any('error' in s for s in f.get('splits', {}).values()) for f in found))

@@ -19,7 +19,6 @@ import math
 import os
 import pickle
 import platform
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -68,6 +67,10 @@ run.add_argument('--eval-every', type=int, default=100)
 run.add_argument('--save-every', type=int, default=100)
 run.add_argument('--log-every', type=int, default=25)
 run.add_argument('--workers', type=int, help='loader processes per loader (default: data.default_workers)')
+run.add_argument('--in-memory', action='store_true', help='decode the labeled set and the pool once and keep them as '
+                 'tensors (on the GPU when they fit); for sets and pools that fit in memory')
+run.add_argument('--pool-labels', help='CSV of file name,class for the unlabeled pool: never trained on, only used to '
+                 'log how often the pseudo-labels are right (labeled sets given as --unlabeled carry their own)')
 run.add_argument('--seed', type=int, default=0)
 run.add_argument('--out', default='runs/default')
 run.add_argument('--resume', nargs='?', const='last', help='checkpoint to resume (bare flag: OUT/last.pt)')
@@ -84,7 +87,8 @@ variants.add_argument('--balanced', action='store_true', help='class-balanced sa
 variants.add_argument('--lr-warmup', type=int, default=0, help='steps of linear learning-rate warm-up')
 args = parser.parse_args()
 # settings a resumed run may change; everything else is restored from the checkpoint
-OPERATIONAL = ('resume', 'out', 'steps', 'workers', 'eval_every', 'save_every', 'log_every', 'compile', 'reindex')
+OPERATIONAL = ('resume', 'out', 'steps', 'workers', 'eval_every', 'save_every', 'log_every', 'compile', 'reindex',
+               'in_memory')
 
 
 def fail(message):
@@ -120,6 +124,7 @@ for flag, ok, need in [
     if not ok:
         fail(f'{flag} must be {need}')
 for flag, paths in [('--data', [args.data] if args.data else []), ('--unlabeled', args.unlabeled or []),
+                    ('--pool-labels', [args.pool_labels] if args.pool_labels else []),
                     ('--weights', [args.weights] if args.weights and not args.resume else [])]:
     for path in paths:
         if not os.path.exists(path):
@@ -150,8 +155,7 @@ amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch
 autocast = torch.autocast('cuda', dtype=amp_dtype) if cuda else nullcontext()
 if args.workers is None:
     args.workers = data.default_workers(cuda)
-torch.manual_seed(args.seed)
-random.seed(args.seed)
+torch.manual_seed(args.seed)  # the initial weights; the data streams and views have generators of their own
 
 # -----------------------------------------------------------------------------
 # data: a labeled stream, a validation set, an unlabeled stream
@@ -164,35 +168,45 @@ if args.data is None:
     if args.unlabeled is None:
         args.unlabeled = [os.path.join(args.data, 'unlabeled')]
 step = checkpoint['step'] if args.resume else 0
-augment = data.Augment(args.img_size, args.grey)
+decode = data.Decode(args.img_size, args.grey)  # workers only decode: the views are made in the step, on the device
 try:  # a reader names the file (and line) of what it cannot read
     train_set = data.load_labeled(args.data, 'train', args.format)
     val_set = data.load_labeled(args.data, 'val', args.format)
-    pool = data.UnlabeledPool([pools.open_pool(p, reindex=args.reindex) for p in args.unlabeled], augment) \
-        if semi else None
+    sources = [pools.open_pool(p, reindex=args.reindex) for p in args.unlabeled] if semi else []
+    # the pool's true labels where known, by class name (-1 elsewhere): logged, never trained on
+    truth = pools.true_labels(sources, train_set.classes, args.pool_labels) if semi else None
     model = build_model(args.arch, len(train_set.classes), None if args.resume else args.weights).to(device)
 except (OSError, ValueError) as error:
     fail(error)
 if val_set.classes != train_set.classes:
     fail(f'--data: validation classes {val_set.classes} differ from training classes {train_set.classes}')
+pool = data.UnlabeledPool(sources, decode) if semi else None
 if semi and len(pool) == 0:
     fail(f'--unlabeled {" ".join(args.unlabeled)}: no images found')
 classes, num_classes = train_set.classes, len(train_set.classes)
-train_set.view, val_set.view = augment.weak_view, augment.eval_view
+train_set.decode = val_set.decode = decode
+if args.in_memory:
+    train_set = data.in_memory(train_set, args.workers, device)
+    if semi:
+        pool = data.in_memory(pool, args.workers, device)
+        truth = truth if truth is None or pool.unreadable == 0 else None  # its index no longer matches the files
+truth = truth.to(device) if truth is not None else None
+augment = data.Augment(args.img_size)
 weights = data.class_balanced_weights(train_set.labels, num_classes) if args.balanced else None
-# samplers resume from the stream position the last checkpoint had consumed (step * batch per rank)
-labeled_loader = data.loader(train_set, args.batch_size, data.InfiniteSampler(
-    len(train_set), args.seed, rank, world, step * args.batch_size, weights), args.workers, cuda)
+# the samplers resume from the stream position the last checkpoint had consumed (step * batch per rank)
+labeled_batches = data.batches(train_set, args.batch_size, data.InfiniteSampler(
+    len(train_set), args.seed, rank, world, step * args.batch_size, weights), args.workers, device)
 val_loader = data.loader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)), 4 * args.batch_size,
                          workers=args.workers)
 if semi:
-    unlabeled_loader = data.loader(pool, args.mu * args.batch_size, data.InfiniteSampler(
-        len(pool), args.seed + 1, rank, world, step * args.mu * args.batch_size), args.workers, cuda)
+    unlabeled_batches = data.batches(pool, args.mu * args.batch_size, data.InfiniteSampler(
+        len(pool), args.seed + 1, rank, world, step * args.mu * args.batch_size), args.workers, device)
 
 # -----------------------------------------------------------------------------
 # model, weight EMA, optimizer, schedule, threshold
-if cuda:
-    model = model.to(memory_format=torch.channels_last)
+# channels_last: faster convolutions on GPUs (tools/bench.py measured none on the CPU)
+memory_format = torch.channels_last if cuda else torch.contiguous_format
+model = model.to(memory_format=memory_format)
 ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # eval mode: BN uses its running statistics
 decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
 optimizer = torch.optim.SGD([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0)],
@@ -286,7 +300,7 @@ def save(name):
         torch.save(dict(model=raw_model.state_dict(), ema_model=ema_model.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), threshold=threshold.state_dict(),
                         step=step, best_f1=best_f1, best_metrics=best_metrics, config=config, classes=classes,
-                        versions=versions, rng=dict(torch=torch.get_rng_state(), python=random.getstate())), f)
+                        versions=versions), f)
         f.flush()
         os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
     os.replace(path + '.tmp', path)
@@ -301,30 +315,25 @@ if master:
 
 # -----------------------------------------------------------------------------
 # training loop
-labeled_iter = iter(labeled_loader)
-unlabeled_iter = iter(unlabeled_loader) if semi else None
-if args.resume:  # after iter(), which draws the loaders' base seeds: the RNG goes on exactly where it was saved
-    torch.set_rng_state(checkpoint['rng']['torch'])
-    random.setstate(checkpoint['rng']['python'])
-# running sums kept on the device and read every --log-every steps: no host sync inside the step
-stats = torch.zeros(4 + 2 * num_classes, device=device)  # loss_s, loss_u, mask, steps, per class accepted, predicted
+# running sums kept on the device and read every --log-every steps: no host sync inside the step. Per class:
+# pseudo-labels made and accepted; where the pool's true labels are known, made, accepted, accepted and right, right
+C = num_classes
+stats = torch.zeros(5 + 6 * C, device=device)  # loss_s, loss_u, mask, steps, skipped, then the per-class counts
 first_bad_step = torch.tensor(sys.maxsize, device=device)  # the first step whose loss was not finite, on any rank
-skipped, data_wait, t_log, t_start, start_step = 0, 0.0, time.time(), time.time(), step
+skipped_total, data_wait, t_log, t_start, start_step = 0, 0.0, time.time(), time.time(), step
 while step < args.steps:
     model.train()
     t0 = time.time()
-    images, labels = (t.to(device, non_blocking=True) for t in next(labeled_iter))
+    images, labels = next(labeled_batches)
     if semi:
-        weak, strong, index, n_skipped = next(unlabeled_iter)
-        weak, strong, index = (t.to(device, non_blocking=True) for t in (weak, strong, index))
-        skipped += int(n_skipped.sum())
+        unlabeled, index, skipped = next(unlabeled_batches)
     data_wait += time.time() - t0
-    if cuda:
-        images = images.contiguous(memory_format=torch.channels_last)
+    # each step's views are drawn from a generator seeded by the step (and rank): a resumed run makes the same ones
+    views = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * world + rank)
+    images = augment.labeled_view(images, views).contiguous(memory_format=memory_format)
     with autocast:
         if semi:
-            if cuda:
-                weak, strong = (t.contiguous(memory_format=torch.channels_last) for t in (weak, strong))
+            weak, strong = (t.contiguous(memory_format=memory_format) for t in augment.unlabeled_views(unlabeled, views))
             with torch.no_grad(), unlabeled_statistics():  # the weak view only makes targets: no graph
                 probs = teacher(weak).float().softmax(dim=1)
             pseudo, mask = threshold(probs, index)
@@ -346,10 +355,13 @@ while step < args.steps:
 
     with torch.no_grad():
         first_bad_step = torch.where(torch.isfinite(loss), first_bad_step, first_bad_step.clamp(max=step))
-        stats[:4] += torch.stack([loss_s.detach(), loss_u.detach(), mask.mean(), torch.ones_like(loss_s)])
+        stats[:5] += torch.stack([loss_s.detach(), loss_u.detach(), mask.mean(), torch.ones_like(loss_s),
+                                  skipped.sum().float() if semi else torch.zeros_like(loss_s)])
         if semi:
-            stats[4:4 + num_classes] += torch.bincount(pseudo, weights=mask, minlength=num_classes)
-            stats[4 + num_classes:] += torch.bincount(pseudo, minlength=num_classes).float()
+            known = (truth[index] >= 0).float() if truth is not None else torch.zeros_like(mask)
+            right = (truth[index] == pseudo).float() if truth is not None else torch.zeros_like(mask)
+            for k, weight in enumerate((None, mask, known, mask * known, mask * right, right)):
+                stats[5 + k * C:5 + (k + 1) * C] += torch.bincount(pseudo, weights=weight, minlength=C).float()
 
     last = step == args.steps
     if step % args.log_every == 0 or last or step % args.eval_every == 0 or step % args.save_every == 0:
@@ -360,26 +372,29 @@ while step < args.steps:
             sys.exit(f'non-finite loss at step {first_bad_step.item()}; stopping. The last good checkpoint in '
                      f'{args.out} is kept.' if master else 1)
     if step % args.log_every == 0 or last:
-        totals = torch.cat([stats, torch.tensor([skipped, data_wait], device=device)])
+        totals = torch.cat([stats, torch.tensor([data_wait], device=device)])
         if ddp:
             dist.all_reduce(totals)
         totals = totals.tolist()
-        n, elapsed = max(totals[3], 1), time.time() - t_log
+        n, elapsed, skipped_total = max(totals[3], 1), time.time() - t_log, skipped_total + int(totals[4])
         images_per_s = n * args.batch_size * (1 + 2 * args.mu * semi) / elapsed  # through the network
         eta = (args.steps - step) * (time.time() - t_start) / (step - start_step)
         record = dict(event='train', step=step, loss_s=totals[0] / n, loss_u=totals[1] / n, lr=scheduler.get_last_lr()[0],
-                      images_per_s=images_per_s, data_wait=totals[-1] / world / elapsed, skipped=int(totals[-2]))
+                      images_per_s=images_per_s, data_wait=totals[-1] / world / elapsed, skipped=int(totals[4]))
         line = f'step {step}/{args.steps} | loss_s {record["loss_s"]:.3f} '
         if semi:  # the threshold's columns: supervised runs have none
-            thresholds = threshold.threshold().tolist()
-            record.update(mask=totals[2] / n, thresholds=thresholds, accepted=totals[4:4 + num_classes],
-                          predicted=totals[4 + num_classes:4 + 2 * num_classes])
+            thresholds, counts = threshold.threshold().tolist(), [totals[5 + k * C:5 + (k + 1) * C] for k in range(6)]
+            record.update(mask=totals[2] / n, thresholds=thresholds, predicted=counts[0], accepted=counts[1])
             line += f'loss_u {record["loss_u"]:.3f} | mask {record["mask"]:.2f} | ' \
                     f'T {min(thresholds):.2f}..{max(thresholds):.2f} '
+            if truth is not None:  # precision = accepted_correct / accepted_labeled, recall = .. / correct
+                record.update(labeled=counts[2], accepted_labeled=counts[3], accepted_correct=counts[4],
+                              correct=counts[5])
+                line += f'| precision {sum(counts[4]) / max(sum(counts[3]), 1):.2f} '
         log(record)
         if master:
             print(line + f'| {images_per_s:.0f} img/s, data wait {100 * record["data_wait"]:.0f}% | '
-                  f'eta {eta / 60:.1f} min' + (f' | {int(totals[-2])} unreadable skipped' if totals[-2] else ''))
+                  f'eta {eta / 60:.1f} min' + (f' | {skipped_total} unreadable skipped' if skipped_total else ''))
         stats.zero_()
         data_wait, t_log = 0.0, time.time()
     if step % args.eval_every == 0 or last:
@@ -400,12 +415,12 @@ while step < args.steps:
 if master:
     print(f'\nbest validation macro F1 {best_f1:.4f} (EMA model, saved in {args.out}/best.pt)')
     print(format_table(best_metrics))
-    end = dict(event='end', step=step, best_macro_f1=best_f1, best=best_metrics, skipped=skipped)
+    end = dict(event='end', step=step, best_macro_f1=best_f1, best=best_metrics, skipped=skipped_total)
     if semi:
         end['thresholds'] = threshold.threshold().tolist()
         print('final per-class thresholds: ' + ', '.join(f'{c} {t:.3f}' for c, t in zip(classes, end['thresholds'])))
-    if skipped:
-        print(f'{skipped} unreadable unlabeled images were skipped')
+    if skipped_total:
+        print(f'{skipped_total} unreadable unlabeled images were skipped')
     log(end)
 if ddp:
     dist.destroy_process_group()

@@ -16,6 +16,16 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif', '.ppm', '.pgm')
 
+# the spellings of one expression across FER2013, RAF-DB, AffectNet and Aff-Wild2; other names match only themselves
+SYNONYMS = {'angry': 'anger', 'disgusted': 'disgust', 'fearful': 'fear', 'afraid': 'fear', 'happy': 'happiness',
+            'sad': 'sadness', 'surprised': 'surprise'}
+
+
+def canonical_class(name):
+    """One name per expression, whatever the data set calls it: 'Happy', 'happiness' -> 'happiness'."""
+    return SYNONYMS.get(name.strip().lower(), name.strip().lower())
+
+
 # -----------------------------------------------------------------------------
 # images
 

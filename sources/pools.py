@@ -5,6 +5,7 @@ train split with the labels ignored (ListPool). Every pool has len(pool), pool.r
 pool.name(i) for messages; data.UnlabeledPool joins them and makes the two augmented views.
 """
 import array
+import csv
 import hashlib
 import io
 import os
@@ -14,7 +15,7 @@ import time
 import torch
 from PIL import Image
 
-from sources.formats import IMAGE_EXTENSIONS, detect_format, open_image, read_labeled, to_rgb
+from sources.formats import IMAGE_EXTENSIONS, canonical_class, detect_format, open_image, read_labeled, to_rgb
 
 def scan_images(root):
     """All image files under root, recursively, in a stable order."""
@@ -40,7 +41,32 @@ def open_pool(path, split='train', reindex=False):
     except ValueError:  # no labeled format: a plain folder of images
         return FolderPool(path, reindex)
     labeled = read_labeled(path, split, fmt)
-    return ListPool(labeled['items'], labeled['name'])
+    return ListPool(labeled['items'], labeled['name'], labeled['labels'], labeled['classes'])
+
+
+def true_labels(sources, classes, labels_csv=None):
+    """The true class (an index into `classes`, matched by name with canonical_class) of every image of the pools,
+    -1 where unknown; None when no image has one. A labeled set used as a pool carries its labels; labels_csv (lines
+    `file name,class`, a header allowed) labels the images of folder pools by file name. Only for measuring how often
+    pseudo-labels are right: training never sees them."""
+    index = {canonical_class(name): i for i, name in enumerate(classes)}
+    by_name = {}
+    if labels_csv:
+        with open(labels_csv, newline='') as f:
+            for line, row in enumerate(csv.reader(f), 1):
+                if len(row) != 2:
+                    raise ValueError(f'{labels_csv}:{line}: expected "file name,class", got {",".join(row)!r}')
+                by_name[os.path.basename(row[0])] = index.get(canonical_class(row[1]), -1)
+    truth = []
+    for source in sources:
+        if getattr(source, 'labels', None) is not None:
+            to_ours = [index.get(canonical_class(name), -1) for name in source.classes]
+            truth += [to_ours[label] for label in source.labels]
+        elif isinstance(source, FolderPool) and by_name:
+            truth += [by_name.get(os.path.basename(source.path(i)), -1) for i in range(len(source))]
+        else:
+            truth += [-1] * len(source)
+    return torch.tensor(truth) if any(t >= 0 for t in truth) else None
 
 
 INDEX_FILE, INDEX_VERSION = '.dtm_index.pt', 1
@@ -227,8 +253,8 @@ class ListPool:
     """Images given as a list of open_image sources: file paths, or a labeled set's items with the labels ignored
     (e.g. AffectNet's train split as unlabeled data)."""
 
-    def __init__(self, items, where='list'):
-        self.items, self.where = items, where
+    def __init__(self, items, where='list', labels=None, classes=None):
+        self.items, self.where, self.labels, self.classes = items, where, labels, classes  # labels: never trained on
 
     def __len__(self):
         return len(self.items)

@@ -1,8 +1,9 @@
 """
-Tests of the data pipeline (augmentation, sampler, seeded determinism, ImageFolder reading, the built-in faces)
-and of model.py (ResNet shapes, loading backbone weights from a local file).
+Tests of the data pipeline (decoding, datasets, sampler, in-memory sets and batch streams, ImageFolder reading, the
+built-in faces) and of model.py (ResNet shapes, loading backbone weights from a local file). The augmentation is
+tested in test_augment.py.
 
-    python -m pytest test_data.py
+    python -m pytest tests/test_data.py
 """
 import itertools
 import os
@@ -25,101 +26,35 @@ def random_image(width, height, seed=0, mode='RGB'):
     return Image.frombytes(mode, (width, height), pixels.numpy().tobytes())
 
 
-def to_uint8(view):
-    """Undo Normalize(0.5, 0.5) and ToDtype(scale=True)."""
-    return ((view * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8)
-
-
 # -----------------------------------------------------------------------------
-# augmentation
+# decoding
 
 
-def test_eval_view_is_exact_normalisation():
+def pixels(image):
+    """A PIL image's bytes as a uint8 tensor (3, H, W), read without torchvision."""
+    return torch.tensor(list(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3).permute(2, 0, 1)
+
+
+def test_decode_keeps_pixels_and_normalize_is_exact():
     image = random_image(48, 48, seed=1)
-    view = data.Augment(48).eval_view(image)
-    pixels = torch.tensor(list(image.tobytes()), dtype=torch.float32).view(48, 48, 3).permute(2, 0, 1)
-    assert view.shape == (3, 48, 48) and view.dtype == torch.float32
-    assert torch.allclose(view, (pixels / 255 - 0.5) / 0.5, atol=1e-6)
-    augment = data.Augment(48)
-    assert torch.all(augment.eval_view(Image.new('RGB', (48, 48), (255, 255, 255))) == 1.0)
-    assert torch.all(augment.eval_view(Image.new('RGB', (48, 48), (0, 0, 0))) == -1.0)
+    decoded = data.Decode(48)(image)
+    assert decoded.dtype == torch.uint8 and torch.equal(decoded, pixels(image))
+    view = data.normalize(decoded[None])
+    assert view.dtype == torch.float32 and torch.allclose(view[0], (pixels(image) / 255 - 0.5) / 0.5, atol=1e-6)
+    white, black = (data.Decode(48)(Image.new('RGB', (48, 48), colour)) for colour in ((255,) * 3, (0,) * 3))
+    assert data.normalize(white[None]).eq(1).all() and data.normalize(black[None]).eq(-1).all()
 
 
-def test_grey_views_are_the_luma_of_the_image_in_three_channels():
-    image = random_image(48, 48, seed=4)
-    grey = data.Augment(48, grey=True)
-    luma = torch.tensor(list(image.convert('L').tobytes()), dtype=torch.float32).view(1, 48, 48)
-    view = grey.eval_view(image)
-    assert view.shape == (3, 48, 48) and torch.equal(view[0], view[1]) and torch.equal(view[1], view[2])
-    assert (to_uint8(view[:1]).float() - luma).abs().max() <= 1  # PIL's integer luma rounds differently
-    torch.manual_seed(0)
-    for view in (grey.weak_view(image), *grey.two_views(image)):
-        assert torch.equal(view[0], view[1]) and torch.equal(view[1], view[2])  # RandAugment keeps it grey
-    assert not torch.equal(data.Augment(48).eval_view(image)[0], data.Augment(48).eval_view(image)[1])
-
-
-@pytest.mark.parametrize('size', [48, 112])
-def test_view_shapes_dtype_and_range(size):
-    augment = data.Augment(size)
+def test_decode_resizes_and_greys():
     image = random_image(64, 40, seed=2)  # not square, not the target size
-    torch.manual_seed(0)
-    views = [augment.eval_view(image), augment.weak_view(image), *augment.two_views(image)]
-    for view in views:
-        assert view.shape == (3, size, size) and view.dtype == torch.float32
-        assert view.min() >= -1.0 and view.max() <= 1.0
-    weak, strong = views[2:]
-    assert not torch.equal(weak, strong)
-
-
-def test_weak_view_is_a_flip_and_small_translation():
-    """weak = horizontal flip + translation by at most img_size/8 (reflect padding): the interior of the view
-    is the original shifted by some (dy, dx) within the padding, possibly mirrored, with unchanged colours."""
-    size, pad = 48, 6
-    image = random_image(size, size, seed=3)
-    original = data.Augment(size).decode(image)
-    augment = data.Augment(size)
-    flips = set()
-    for seed in range(12):
-        torch.manual_seed(seed)
-        weak = to_uint8(augment.weak_view(image))
-        found = None
-        for flip, dy, dx in itertools.product((False, True), range(-pad, pad + 1), range(-pad, pad + 1)):
-            source = original.flip(-1) if flip else original
-            # view[y, x] = source[y + dy, x + dx] on the interior, where no padding is involved
-            inner = weak[:, pad:size - pad, pad:size - pad]
-            shifted = source[:, pad + dy:size - pad + dy, pad + dx:size - pad + dx]
-            if torch.equal(inner, shifted):
-                found = (flip, dy, dx)
-                break
-        assert found is not None, f'seed {seed}: the weak view is not a flipped/translated copy of the image'
-        flips.add(found[0])
-    assert flips == {False, True}  # both happen in 12 draws (probability of not: 2 * 2^-12)
-
-
-def test_two_views_decode_once(monkeypatch):
-    calls = []
-    decode = data.Augment.decode
-    monkeypatch.setattr(data.Augment, 'decode', lambda self, image: calls.append(1) or decode(self, image))
-    weak, strong = data.Augment(48).two_views(random_image(60, 60))
-    assert len(calls) == 1
-    assert weak.shape == strong.shape == (3, 48, 48)
-
-
-def test_cutout_draws_the_boxes_of_random_erasing():
-    """Augment.cutout is torchvision's RandomErasing(p=1, scale=(0.02, 0.15), value=0) written out for speed: the
-    erased boxes' heights, widths and positions have the same distribution."""
-    def boxes(erase, n=3000):
-        found = []
-        for _ in range(n):
-            hole = erase(torch.ones(3, 48, 48))[0] == 0
-            rows, cols = hole.any(1).nonzero(), hole.any(0).nonzero()
-            found.append((len(rows), len(cols), rows.min().item(), cols.min().item()))
-        return torch.tensor(found, dtype=torch.float)
-    torch.manual_seed(0)
-    ours = boxes(data.Augment(48).cutout)
-    theirs = boxes(torchvision.transforms.v2.RandomErasing(p=1.0, scale=(0.02, 0.15), value=0))
-    assert torch.allclose(ours.mean(0), theirs.mean(0), rtol=0.05)  # ~6 standard errors
-    assert torch.allclose(ours.std(0), theirs.std(0), rtol=0.08)
+    decoded = data.Decode(48)(image)
+    assert decoded.shape == (3, 48, 48) and decoded.dtype == torch.uint8
+    resized = torchvision.transforms.v2.functional.resize(pixels(image), [48, 48], antialias=True)
+    assert torch.equal(decoded, resized)
+    grey = data.Decode(48, grey=True)(random_image(48, 48, seed=4))
+    luma = pixels(random_image(48, 48, seed=4).convert('L').convert('RGB'))
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    assert (grey.int() - luma.int()).abs().max() <= 1  # PIL's integer luma rounds differently
 
 
 def test_unlabeled_pool_opens_each_image_once(tmp_path, monkeypatch):
@@ -130,10 +65,10 @@ def test_unlabeled_pool_opens_each_image_once(tmp_path, monkeypatch):
     opened = []
     open_image = formats.open_image
     monkeypatch.setattr(pools, 'open_image', lambda source: opened.append(source) or open_image(source))
-    pool = data.UnlabeledPool([pools.ListPool(paths)], data.Augment(48))
-    weak, strong, index, skipped = pool[(1, 1234)]
+    pool = data.UnlabeledPool([pools.ListPool(paths)], data.Decode(48))
+    image, index, skipped = pool[1]
     assert opened == [paths[1]] and index == 1 and skipped == 0
-    assert weak.shape == strong.shape == (3, 48, 48) and not torch.equal(weak, strong)
+    assert torch.equal(image, pixels(random_image(48, 48, seed=1)))
 
 
 def test_unlabeled_pool_skips_unreadable_images(tmp_path):
@@ -141,9 +76,9 @@ def test_unlabeled_pool_skips_unreadable_images(tmp_path):
     random_image(48, 48, seed=0).save(paths[0])
     (tmp_path / 'bad.png').write_bytes(b'not an image')
     random_image(48, 48, seed=1).save(paths[2])
-    pool = data.UnlabeledPool([pools.ListPool(paths)], data.Augment(48))
-    weak, strong, index, skipped = pool[(1, 7)]
-    assert index == 2 and skipped == 1
+    pool = data.UnlabeledPool([pools.ListPool(paths)], data.Decode(48))
+    image, index, skipped = pool[1]
+    assert index == 2 and skipped == 1 and torch.equal(image, pixels(random_image(48, 48, seed=1)))
 
 
 # -----------------------------------------------------------------------------
@@ -156,15 +91,12 @@ def take(sampler, n):
 
 def test_sampler_epochs_are_permutations():
     size = 10
-    stream = take(data.InfiniteSampler(size, seed=3), 4 * size)
-    indices = [index for index, _ in stream]
+    indices = take(data.InfiniteSampler(size, seed=3), 4 * size)
     epochs = [indices[e * size:(e + 1) * size] for e in range(4)]
     for epoch in epochs:
         assert sorted(epoch) == list(range(size))
     assert len({tuple(e) for e in epochs}) == 4  # reshuffled every epoch
-    seeds = [seed for _, seed in stream]
-    assert len(set(seeds)) == len(seeds)  # every position its own augmentation seed
-    assert take(data.InfiniteSampler(size, seed=4), size) != stream[:size]
+    assert take(data.InfiniteSampler(size, seed=4), size) != indices[:size]
 
 
 @pytest.mark.parametrize('world', [2, 3])
@@ -172,14 +104,13 @@ def test_sampler_ranks_partition_the_stream(world):
     size, n = 10, 25
     single = take(data.InfiniteSampler(size, seed=5), world * n)
     ranks = [take(data.InfiniteSampler(size, seed=5, rank=r, world=world), n) for r in range(world)]
-    for r in range(world):  # rank r holds positions r, r + world, ... of the one-process stream, keys included
+    for r in range(world):  # rank r holds positions r, r + world, ... of the one-process stream
         assert ranks[r] == single[r::world]
     # within an epoch, the ranks' samples are disjoint and together cover the set once
     for epoch in range(2):
-        seen = [index for r in range(world) for k, (index, _) in enumerate(ranks[r])
+        seen = [index for r in range(world) for k, index in enumerate(ranks[r])
                 if (r + k * world) // size == epoch]
         assert sorted(seen) == list(range(size))
-    assert not set(ranks[0]) & set(ranks[1])  # no (index, seed) key is drawn by two ranks
 
 
 @pytest.mark.parametrize('world,rank,start', [(1, 0, 7), (1, 0, 23), (2, 1, 6), (3, 2, 4)])
@@ -196,13 +127,14 @@ def test_class_balanced_weights():
     assert torch.allclose(weights[:90], torch.tensor(1 / 90)) and torch.allclose(weights[90:99], torch.tensor(1 / 9))
     assert weights[99].item() == pytest.approx(1.0)
     stream = take(data.InfiniteSampler(100, seed=0, weights=weights), 6000)
-    counts = torch.bincount(torch.tensor([labels[index] for index, _ in stream]), minlength=3).float() / 6000
+    counts = torch.bincount(torch.tensor([labels[index] for index in stream]), minlength=3).float() / 6000
     # each class about 1/3 (binomial std 0.006); unbalanced it would be 0.90 / 0.09 / 0.01
     assert torch.allclose(counts, torch.full((3,), 1 / 3), atol=0.04), counts
 
 
+
 # -----------------------------------------------------------------------------
-# seeded augmentation: a sample's views are a function of its (index, seed) key alone
+# in-memory sets and batch streams
 
 
 @pytest.fixture
@@ -222,41 +154,50 @@ def folder(tmp_path):
     return root
 
 
-def test_seeded_views_are_reproducible_in_any_order(folder, tmp_path):
+def test_in_memory_labeled_set_is_the_decoded_set(folder):
     labeled = data.load_labeled(str(folder), 'train', 'imagefolder')
-    labeled.view = data.Augment(48).weak_view
-    pool = data.UnlabeledPool([pools.ListPool(labeled.items)], data.Augment(48))
-    keys = [(0, 11), (2, 12), (4, 13), (0, 14)]
-    first = {key: (labeled[key], pool[key]) for key in keys}
-    torch.manual_seed(1)
-    torch.rand(5)  # a different global RNG state
-    rng = torch.get_rng_state()
-    again = {key: (labeled[key], pool[key]) for key in reversed(keys)}
-    assert torch.equal(torch.get_rng_state(), rng)  # reading a sample leaves the global RNG alone
-    for key in keys:
-        (image_a, label_a), (weak_a, strong_a, *_) = first[key]
-        (image_b, label_b), (weak_b, strong_b, *_) = again[key]
-        assert label_a == label_b
-        assert torch.equal(image_a, image_b) and torch.equal(weak_a, weak_b) and torch.equal(strong_a, strong_b)
-    # the same image with another seed gets other views
-    assert not torch.equal(first[(0, 11)][1][1], first[(0, 14)][1][1])
+    labeled.decode = data.Decode(48)
+    kept = data.in_memory(labeled, workers=2)
+    assert kept.images.shape == (6, 3, 48, 48) and kept.images.dtype == torch.uint8 and kept.unreadable == 0
+    assert torch.equal(kept.images, torch.stack([labeled[i][0] for i in range(6)]))
+    assert kept.labels == labeled.labels and kept.classes == labeled.classes and len(kept) == 6
+    image, label = kept[3]
+    assert torch.equal(image, labeled[3][0]) and label == labeled.labels[3]
 
 
-def test_seeded_views_do_not_depend_on_workers(tmp_path):
+def pool_of(tmp_path, n):
     paths = []
-    for i in range(6):
+    for i in range(n):
         paths.append(str(tmp_path / f'{i}.png'))
-        random_image(48, 48, seed=i).save(paths[-1])
-    pool = data.UnlabeledPool([pools.ListPool(paths)], data.Augment(48))
-    batches = {}
-    for workers in (0, 2):
-        loader = data.loader(pool, 4, data.InfiniteSampler(len(pool), seed=1), workers=workers)
-        iterator = iter(loader)
-        batches[workers] = [next(iterator) for _ in range(3)]
-        del iterator, loader
-    for a, b in zip(batches[0], batches[2]):
-        for x, y in zip(a, b):
-            assert torch.equal(x, y)
+        random_image(40, 40, seed=i).save(paths[-1])
+    return data.UnlabeledPool([pools.ListPool(paths)], data.Decode(32))
+
+
+def test_batches_stream_in_sampler_order_whatever_the_workers_or_memory(tmp_path):
+    """The same sampler gives the same batches streamed through 0 or 2 workers or from the decoded tensor."""
+    pool = pool_of(tmp_path, 10)
+    kept = data.in_memory(pool, workers=0)
+    assert len(kept) == 10 and torch.equal(kept.columns[1], torch.arange(10))
+    found = {}
+    for name, dataset, workers in (('main', pool, 0), ('workers', pool, 2), ('memory', kept, 0)):
+        stream = data.batches(dataset, 4, data.InfiniteSampler(10, seed=1), workers, 'cpu')
+        found[name] = [next(stream) for _ in range(5)]  # 20 samples: two epochs
+        stream.close()
+    order = take(data.InfiniteSampler(10, seed=1), 20)
+    for name, batches in found.items():
+        assert [i for images, index, skipped in batches for i in index.tolist()] == order, name
+        for images, index, skipped in batches:
+            assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8 and not skipped.any()
+            assert torch.equal(images, torch.stack([pool[i][0] for i in index.tolist()])), name
+
+
+def test_batches_of_a_labeled_set(folder):
+    labeled = data.load_labeled(str(folder), 'train', 'imagefolder')
+    labeled.decode = data.Decode(48)
+    for dataset in (labeled, data.in_memory(labeled, workers=0)):
+        images, labels = next(data.batches(dataset, 4, data.InfiniteSampler(6, seed=0), 0, 'cpu'))
+        assert images.shape == (4, 3, 48, 48) and labels.dtype == torch.int64
+        assert labels.tolist() == [labeled.labels[i] for i in take(data.InfiniteSampler(6, seed=0), 4)]
 
 
 # -----------------------------------------------------------------------------
@@ -269,10 +210,10 @@ def test_read_imagefolder(folder):
     assert len(labeled) == 6 and sorted(labeled.labels) == [0, 0, 0, 1, 1, 1]
     assert not any(str(item).endswith('.txt') for item in labeled.items)
     assert any(str(item).endswith('grey.PNG') for item in labeled.items)
-    labeled.view = data.Augment(48).eval_view
+    labeled.decode = data.Decode(48)
     for i in range(len(labeled)):
         image, label = labeled[i]
-        assert image.shape == (3, 48, 48) and label == labeled.labels[i]
+        assert image.shape == (3, 48, 48) and image.dtype == torch.uint8 and label == labeled.labels[i]
         source = labeled.items[i]
         assert os.path.basename(os.path.dirname(source)) in (labeled.classes[label], 'more')
     grey = labeled.items.index(next(item for item in labeled.items if str(item).endswith('grey.PNG')))
@@ -293,7 +234,7 @@ def test_read_imagefolder_errors(folder, tmp_path):
         formats.read_imagefolder(str(folder), 'val')   # class folders, no images
     (folder / 'train' / 'happy' / 'broken.jpg').write_bytes(b'\xff\xd8 truncated')
     labeled = data.load_labeled(str(folder), 'train', 'imagefolder')
-    labeled.view = data.Augment(48).eval_view
+    labeled.decode = data.Decode(48)
     broken = next(i for i, item in enumerate(labeled.items) if str(item).endswith('broken.jpg'))
     with pytest.raises(RuntimeError, match='broken.jpg'):
         labeled[broken]

@@ -1,8 +1,10 @@
-"""fer_lfw.py: the real-faces protocol's split (exact, stratified, repeatable) and its results table, on small tars
-in the shared data's layout and on hand-written logs."""
+"""experiments/fer_lfw/run.py: the real-faces protocol's split (exact, stratified, repeatable, the same from a tar
+or a folder), its commands (valid for train.py), its errors, and its results table, on small tars in the layout
+experiments/fer_lfw/README.md describes and on hand-written logs."""
 import io
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -16,8 +18,8 @@ COUNTS = {'angry': 40, 'disgust': 5, 'happy': 25}  # 10%: 4, 0.5 -> 1 (halves ro
 
 
 def run(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'fer_lfw', 'run.py'), *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'fer_lfw', 'run.py'), *args],
+                          capture_output=True, text=True, timeout=300)
 
 
 def add_image(tar, name, size, mode):
@@ -30,8 +32,9 @@ def add_image(tar, name, size, mode):
 
 
 @pytest.fixture
-def shared(tmp_path):
-    folder = tmp_path / 'shared'
+def tars(tmp_path):
+    """fer2013.tar and lfw112.tar, each with its data set in one top folder; returns prepare's data arguments."""
+    folder = tmp_path / 'tars'
     folder.mkdir()
     with tarfile.open(folder / 'fer2013.tar', 'w') as tar:
         for c, n in COUNTS.items():
@@ -43,12 +46,12 @@ def shared(tmp_path):
         for person, photos in (('Ann_A', 2), ('Bob_B', 2), ('Cy_C', 4), ('Di_D', 5)):
             for i in range(photos):
                 add_image(tar, f'lfw112/{person}/{person}_{i + 1:04d}.jpg', 112, 'RGB')
-    return folder
+    return ['--fer2013', str(folder / 'fer2013.tar'), '--lfw', str(folder / 'lfw112.tar')]
 
 
-def test_prepare_builds_an_exact_repeatable_split(shared, tmp_path):
+def test_prepare_builds_an_exact_repeatable_split(tars, tmp_path):
     work = str(tmp_path / 'work')
-    result = run('prepare', '--shared', str(shared), '--work', work, '--runs', 'runs/x', '--steps', '7')
+    result = run('prepare', *tars, '--work', work, '--runs', 'runs/x', '--steps', '7')
     assert result.returncode == 0, result.stderr
     labeled = {c: sorted(os.listdir(os.path.join(work, 'labeled10', 'train', c))) for c in COUNTS}
     assert {c: len(v) for c, v in labeled.items()} == {'angry': 4, 'disgust': 1, 'happy': 3}
@@ -65,18 +68,70 @@ def test_prepare_builds_an_exact_repeatable_split(shared, tmp_path):
     assert sum(f'--unlabeled {work}/lfw112 {work}/rest90 ' in c for c in commands) == 2 * 4
     assert not any('--weights' in c for c in commands)
 
-    again = run('prepare', '--shared', str(shared), '--work', work)  # idempotent
+    again = run('prepare', *tars, '--work', work)  # idempotent
     assert again.returncode == 0, again.stderr
     assert open(os.path.join(work, 'labeled10', 'split.txt')).read().splitlines() == listing
-    other = run('prepare', '--shared', str(shared), '--work', work, '--seed', '1')  # never swaps a split
+    other = run('prepare', *tars, '--work', work, '--seed', '1')  # never swaps a split
     assert other.returncode != 0 and 'holds another split' in other.stderr
-    fresh = run('prepare', '--shared', str(shared), '--work', str(tmp_path / 'work2'))  # repeatable elsewhere
+    fresh = run('prepare', *tars, '--work', str(tmp_path / 'work2'))  # repeatable elsewhere
     assert open(tmp_path / 'work2' / 'labeled10' / 'split.txt').read().splitlines() == listing, fresh.stderr
 
+    # the extracted folders in place of the tars: linked, not copied, and the same split and commands
+    folders = ['--fer2013', os.path.join(work, 'fer2013'), '--lfw', os.path.join(work, 'lfw112')]
+    linked = run('prepare', *folders, '--work', str(tmp_path / 'work3'), '--runs', 'runs/x', '--steps', '7')
+    assert linked.returncode == 0, linked.stderr
+    assert os.path.realpath(tmp_path / 'work3' / 'lfw112') == os.path.realpath(os.path.join(work, 'lfw112'))
+    assert open(tmp_path / 'work3' / 'labeled10' / 'split.txt').read().splitlines() == listing
+    assert [c.replace(str(tmp_path / 'work3'), work) for c in linked.stdout.splitlines()
+            if c.startswith('python train.py')] == commands
+    # a work folder is never silently reused for another data set
+    mixed = run('prepare', *folders[:2], *tars[2:], '--work', str(tmp_path / 'work3'))  # LFW was linked there
+    assert mixed.returncode != 0 and mixed.stderr.startswith('--lfw ') and 'pass another --work' in mixed.stderr
 
-def test_prepare_pretrain_builds_the_identities_and_starts_every_row_from_them(shared, tmp_path):
+
+def test_prepare_prints_only_flags_that_train_py_accepts(tars, tmp_path):
+    result = run('prepare', *tars, '--work', str(tmp_path / 'work'), '--pretrain', '--workers', '1')
+    assert result.returncode == 0, result.stderr
+    help_text = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--help'], capture_output=True,
+                               text=True, timeout=300, cwd=ROOT).stdout
+    accepted = set(re.findall(r'(--[a-z][a-z0-9-]*)', help_text))
+    printed = {flag for line in result.stdout.splitlines() if line.startswith('python train.py')
+               for flag in re.findall(r'(?<= )(--[a-z][a-z0-9-]*)', line)}
+    assert '--own-bn' in printed and '--weights' in printed and printed <= accepted, printed - accepted
+
+
+def test_prepare_without_its_data_stops_with_one_line(tars, tmp_path):
+    result = run('prepare', *tars[:2], '--work', str(tmp_path / 'work'))
+    assert result.returncode != 0 and result.stdout == ''
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith('prepare needs --lfw ')
+    assert not (tmp_path / 'work').exists()
+
+
+@pytest.mark.parametrize('case', ['no --fer2013', 'missing file', 'not a tar', 'tar of another layout',
+                                  'folder of another layout'])
+def test_prepare_mistakes_stop_with_one_message_naming_the_flag(tars, tmp_path, capsys, case):
+    from experiments.fer_lfw import run as fer_lfw
+    (tmp_path / 'notes.txt').write_text('not a tar')
+    with tarfile.open(tmp_path / 'flat.tar', 'w') as tar:  # images, but no train/ and val/
+        add_image(tar, 'faces/a.png', 48, 'L')
+    args, flag = {'no --fer2013': (tars[2:], '--fer2013'),
+                  'missing file': (['--fer2013', str(tmp_path / 'nowhere.tar'), *tars[2:]], '--fer2013'),
+                  'not a tar': ([*tars[:2], '--lfw', str(tmp_path / 'notes.txt')], '--lfw'),
+                  'tar of another layout': (['--fer2013', str(tmp_path / 'flat.tar'), *tars[2:]], '--fer2013'),
+                  'folder of another layout': ([*tars[:2], '--lfw', str(tmp_path)], '--lfw')}[case]
+    work = tmp_path / 'work'
+    with pytest.raises(SystemExit) as stop:
+        fer_lfw.prepare(fer_lfw.parse_args(['prepare', *args, '--work', str(work)]))
+    message = str(stop.value.code)  # what Python prints, alone, when SystemExit carries a message
+    assert '\n' not in message and message.startswith((f'{flag} ', f'prepare needs {flag} ')), message
+    assert capsys.readouterr().out == ''
+    assert not (work / 'fer2013').exists() and not any(p.name.startswith('.') for p in work.glob('*')), \
+        'nothing half-built is left behind'
+
+
+def test_prepare_pretrain_builds_the_identities_and_starts_every_row_from_them(tars, tmp_path):
     work = str(tmp_path / 'work')
-    result = run('prepare', '--shared', str(shared), '--work', work, '--runs', 'runs/x', '--pretrain')
+    result = run('prepare', *tars, '--work', work, '--runs', 'runs/x', '--pretrain')
     assert result.returncode == 0, result.stderr
     identities = os.path.join(work, 'lfw_ids')
     # people with 4+ photos; each one's last photo held out for validation

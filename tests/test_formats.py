@@ -1,7 +1,7 @@
 """
 The labeled formats read as their owners ship them (Aff-Wild2, RAF-DB, FER2013, AffectNet, ImageFolder), format
-detection, errors that name the file and line, image modes, the inspect CLI, and evaluate.py's --predict and
---submission. Each test writes a few files in the real layout into tmp_path.
+detection, errors that name the file and line, image modes and the inspect CLI. Each test writes a few files in the
+real layout into tmp_path (evaluate.py's tests use these writers too).
 """
 import csv
 import json
@@ -10,13 +10,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 import data
 from sources import formats
-import evaluate
-from model import build_model
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 EXPR_HEADER = 'Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other'
@@ -309,86 +306,8 @@ def test_inspect_cli(tmp_path):
     assert aff['splits']['train']['skipped'] == {'label -1 (ignore)': 1, 'annotated frame without a face image': 1}
     assert aff['splits']['val']['images'] == 1
     assert raf['format'] == 'rafdb' and raf['splits']['test']['classes']['Neutral'] == 1
-    assert pool == dict(path=paths[2], format='unlabeled', images=2)
+    assert pool == dict(path=paths[2], format='unlabeled', images=2, checked=True, readable=2, unreadable={}, examples={})
     assert missing == dict(path=paths[3], error=f'{paths[3]}: no such file or folder')
     assert result.returncode == 1  # a path that could not be read
     text = data.describe_text(aff)
     assert text.startswith(f'{paths[0]}: affwild2\n  train: 7 images from ') and 'skipped 1: label -1 (ignore)' in text
-
-
-# -----------------------------------------------------------------------------
-# evaluate.py --predict and --submission
-
-
-def checkpoint(path, classes):
-    """A tiny checkpoint with the layout train.py's save() writes (the keys evaluate.py reads)."""
-    torch.manual_seed(0)
-    model = build_model('resnet18', len(classes))
-    torch.save(dict(model=model.state_dict(), ema_model=model.state_dict(), step=0, classes=list(classes),
-                    config=dict(arch='resnet18', img_size=16)), path)
-    return path
-
-
-def test_predict(tmp_path):
-    ckpt = checkpoint(str(tmp_path / 'best.pt'), ['happy', 'sad', 'other'])
-    files = [image(str(tmp_path / 'faces' / 'x' / 'a.jpg')), image(str(tmp_path / 'faces' / 'b.png'), colour=(9, 9, 9)),
-             image(str(tmp_path / 'c.jpg'), size=(30, 20))]
-    out = str(tmp_path / 'labels.csv')
-    evaluate.main([ckpt, '--predict', str(tmp_path / 'faces'), files[2], '--out', out, '--workers', '0'])
-    with open(out) as f:
-        rows = list(csv.reader(f))
-    assert rows[0] == ['file', 'prediction', 'happy', 'sad', 'other']
-    assert [r[0] for r in rows[1:]] == [files[1], files[0], files[2]]  # scan order within a folder, then the file
-    for row in rows[1:]:
-        probs = [float(v) for v in row[2:]]
-        assert abs(sum(probs) - 1) < 1e-3 and row[1] == ['happy', 'sad', 'other'][probs.index(max(probs))]
-    with pytest.raises(SystemExit, match='no such file or folder'):
-        evaluate.main([ckpt, '--predict', str(tmp_path / 'none.jpg')])
-
-
-def test_nearest_fill():
-    assert evaluate.nearest_fill({2: 'a', 5: 'b'}, 7) == ['a', 'a', 'a', 'b', 'b', 'b', 'b']
-    assert evaluate.nearest_fill({2: 'a', 4: 'b'}, 4) == ['a', 'a', 'a', 'b']  # frame 3: a tie, the earlier wins
-
-
-def test_submission(tmp_path):
-    root = str(tmp_path)
-    affwild2(root)
-    for k in (1, 2, 5):  # a test video without annotations: 5 frames, faces found in 1, 2 and 5
-        image(os.path.join(root, 'cropped_aligned', 'test_video', f'{k:05d}.jpg'), colour=(10 * k, 0, 0))
-    ckpt = checkpoint(str(tmp_path / 'best.pt'), EXPR_HEADER.split(',')[::-1])  # any order of the ABAW names
-    videos = write(str(tmp_path / 'videos.txt'), 'test_video\n1-30-1280x720\n')
-    out = str(tmp_path / 'submission.txt')
-    evaluate.main([ckpt, '--data', root, '--submission', out, '--videos', videos, '--workers', '0'])
-    with open(out) as f:
-        lines = f.read().splitlines()
-    assert lines[0] == 'image_location,' + EXPR_HEADER
-    names = [line.split(',')[0] for line in lines[1:]]
-    # test_video: 5 frames (its highest frame number); 1-30-1280x720: 6 frames (its annotation's length)
-    assert names == [f'test_video/{k:05d}.jpg' for k in range(1, 6)] + \
-        [f'1-30-1280x720/{k:05d}.jpg' for k in range(1, 7)]
-    labels = [int(line.split(',')[1]) for line in lines[1:]]
-    assert all(0 <= label <= 7 for label in labels)
-    assert labels[2] == labels[1] and labels[3] == labels[4]  # frames 3 and 4 take frames 2 and 5's labels
-    assert labels[5 + 4] in (labels[5 + 3], labels[5 + 5])  # 1-30-1280x720's frame 5 has no face either
-    evaluate.main([ckpt, '--data', root, '--submission', out, '--videos', 'test_video', '--workers', '0'])
-    with open(out) as f:
-        assert len(f.read().splitlines()) == 6
-    with pytest.raises(SystemExit, match='no face images'):
-        evaluate.main([ckpt, '--data', root, '--submission', out, '--videos', 'nope', '--workers', '0'])
-    with pytest.raises(SystemExit, match='not Aff-Wild2 classes'):
-        evaluate.write_submission(out, {}, [], ['Angry', 'Happy'])  # FER2013's names
-
-
-def test_evaluate_with_format(tmp_path):
-    root = str(tmp_path / 'raf')
-    rafdb(root)
-    ckpt = checkpoint(str(tmp_path / 'best.pt'), formats.RAFDB_CLASSES)
-    out = str(tmp_path / 'metrics.json')
-    evaluate.main([ckpt, '--data', root, '--format', 'rafdb', '--split', 'test', '--out', out, '--workers', '0'])
-    with open(out) as f:
-        metrics = json.load(f)
-    assert metrics['classes'] == list(formats.RAFDB_CLASSES) and metrics['split'] == 'test'
-    assert sum(m['support'] for m in metrics['per_class'].values()) == 2
-    with pytest.raises(SystemExit):  # --data is required without --predict
-        evaluate.main([ckpt])

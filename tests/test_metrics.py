@@ -2,7 +2,7 @@
 Tests of evaluate.py's metrics against scikit-learn, an independent implementation of the same definitions
 (macro F1 over all classes with zero_division=0 is the ABAW expression-track metric).
 
-    python -m pytest test_metrics.py
+    python -m pytest tests/test_metrics.py
 """
 import re
 from contextlib import nullcontext
@@ -120,26 +120,78 @@ def test_format_table_lists_every_class():
 
 
 class FixedLogits(torch.nn.Module):
-    """A 'model' whose logits are a lookup of the (integer) first pixel of each image."""
+    """A 'model' whose logits are a lookup of the first pixel of each image, a uint8 value that evaluate() normalises
+    to (v / 255 - 0.5) / 0.5 before the model sees it."""
 
     def __init__(self, logits):
         super().__init__()
         self.register_buffer('logits', logits)
 
     def forward(self, images):
-        return self.logits[images[:, 0, 0, 0].long()]
+        return self.logits[((images[:, 0, 0, 0] * 0.5 + 0.5) * 255).round().long()]
+
+
+def fixed_case(seed, n, C):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, C, generator=generator)
+    targets = torch.randint(C - 1, (n,), generator=generator)  # class C - 1 never occurs
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4)
+    loader = [(images[i:i + 16], targets[i:i + 16]) for i in range(0, n, 16)]  # a ragged last batch
+    return logits, targets, loader
 
 
 def test_evaluate_end_to_end_matches_sklearn():
-    generator = torch.Generator().manual_seed(11)
     n, C = 90, 5
-    logits = torch.randn(n, C, generator=generator)
-    targets = torch.randint(C - 1, (n,), generator=generator)  # class 4 never occurs
-    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 4, 4)
-    loader = [(images[i:i + 16], targets[i:i + 16]) for i in range(0, n, 16)]  # a ragged last batch
+    logits, targets, loader = fixed_case(11, n, C)
     metrics = evaluate(FixedLogits(logits), loader, 'cpu', NAMES[:C], nullcontext())
     y_pred = logits.argmax(dim=1).numpy()
     assert metrics['macro_f1'] == pytest.approx(
         skm.f1_score(targets.numpy(), y_pred, average='macro', labels=list(range(C)), zero_division=0), abs=1e-12)
     assert metrics['accuracy'] == pytest.approx(skm.accuracy_score(targets.numpy(), y_pred), abs=1e-12)
     assert sum(m['support'] for m in metrics['per_class'].values()) == n
+
+
+@pytest.mark.parametrize('all_classes', [False, True])
+def test_evaluate_on_a_subset_of_the_model_classes_matches_sklearn(all_classes):
+    """The set knows model classes 3, 0 and 4 (its classes 0, 1, 2). Shared protocol: the argmax over those three
+    outputs. All classes: the argmax over all six, where predicting 1, 2 or 5 is wrong, so it lowers recall only."""
+    n, shared, others = 200, [3, 0, 4], [1, 2, 5]
+    logits, _, loader = fixed_case(12, n, 6)
+    targets = torch.randint(3, (n,), generator=torch.Generator().manual_seed(13))
+    loader = [(images, targets[i:i + 16]) for (images, _), i in zip(loader, range(0, n, 16))]
+    names, other_names = ['c', 'a', 'd'], ['b', 'x', 'y']
+    if all_classes:
+        metrics = evaluate(FixedLogits(logits), loader, 'cpu', names, nullcontext(), shared + others, other_names)
+        y_pred = [shared.index(c) if c in shared else -1 for c in logits.argmax(dim=1).tolist()]
+        assert -1 in y_pred
+        assert metrics['other_predictions'] == {name: (logits.argmax(dim=1) == c).sum().item()
+                                                for name, c in zip(other_names, others)}
+    else:
+        metrics = evaluate(FixedLogits(logits), loader, 'cpu', names, nullcontext(), shared)
+        y_pred = logits[:, shared].argmax(dim=1).tolist()
+    y_true, labels = targets.tolist(), [0, 1, 2]
+    assert metrics['macro_f1'] == pytest.approx(skm.f1_score(y_true, y_pred, labels=labels, average='macro',
+                                                             zero_division=0), abs=1e-12)
+    assert metrics['accuracy'] == pytest.approx(skm.accuracy_score(y_true, y_pred), abs=1e-12)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                                         zero_division=0)
+    for c, name in enumerate(names):
+        m = metrics['per_class'][name]
+        assert (m['precision'], m['recall'], m['f1']) == pytest.approx((precision[c], recall[c], f1[c]), abs=1e-12)
+        assert m['support'] == support[c]
+    assert [row[:3] for row in metrics['confusion']] == skm.confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    assert len(metrics['confusion'][0]) == (6 if all_classes else 3)
+    if all_classes:
+        assert 'predicted as classes the set lacks (wrong): b ' in format_table(metrics)
+
+
+def test_unreadable_images_are_left_out_of_the_metrics():
+    n, C = 40, 3
+    logits, targets, loader = fixed_case(14, n, C)
+    unreadable = {5, 17, 33}
+    loader = [(images, labels, ['bad' if i + k in unreadable else '' for k in range(len(labels))])
+              for (images, labels), i in zip(loader, range(0, n, 16))]
+    metrics = evaluate(FixedLogits(logits), loader, 'cpu', NAMES[:C], nullcontext())
+    read = [i for i in range(n) if i not in unreadable]
+    expected = skm.confusion_matrix(targets[read].numpy(), logits[read].argmax(dim=1).numpy(), labels=list(range(C)))
+    assert metrics['confusion'] == expected.tolist() and metrics['unreadable'] == {i: 'bad' for i in unreadable}

@@ -3,7 +3,9 @@ labeled sets as pools, and UnlabeledPool's skipping of bad files. Run: python -m
 import io
 import os
 import pickle
+import runpy
 import struct
+import sys
 import tarfile
 
 import pytest
@@ -14,6 +16,7 @@ import data
 from sources import pools
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 MAGIC = struct.pack('<I', pools.RECORD_MAGIC)
 
 
@@ -207,20 +210,51 @@ def test_unlabeled_pool_skips_bad_files(tmp_path, monkeypatch, capsys):
     (folder / '1_truncated.jpg').write_bytes(jpeg[:len(jpeg) // 2])
     (folder / '2_text.png').write_text('hello, I am not a picture')
     rec = write_rec(tmp_path, insightface_payloads([image_bytes(40), b'not an image', image_bytes(50)]))
-    pool = data.UnlabeledPool([pools.open_pool(str(folder)), pools.open_pool(rec)], data.Augment(16))
+    pool = data.UnlabeledPool([pools.open_pool(str(folder)), pools.open_pool(rec)], data.Decode(16))
     assert len(pool) == 6 + 3
     results = [pool[i] for i in range(len(pool))]
     # folder order: 0_corrupt 0_good 1_good 1_truncated 2_good 2_text | record 1, 2 (bad), 3
-    assert [r[2] for r in results] == [1, 1, 2, 4, 4, 6, 6, 8, 8]
-    assert [r[3] for r in results] == [1, 0, 0, 1, 0, 1, 0, 1, 0]
-    assert results[0][0].shape == results[0][1].shape == (3, 16, 16)
+    assert [r[1] for r in results] == [1, 1, 2, 4, 4, 6, 6, 8, 8]
+    assert [r[2] for r in results] == [1, 0, 0, 1, 0, 1, 0, 1, 0]
+    assert results[0][0].shape == (3, 16, 16) and results[0][0].dtype == torch.uint8
     err = capsys.readouterr().err
     assert all(s in err for s in ('0_corrupt.jpg', '1_truncated.jpg', '2_text.png', 'train.rec record 2'))
-    # through forked DataLoader workers, with the sampler's (index, seed) keys; skipped counts add up
+    # through forked DataLoader workers; skipped counts add up
     loader = data.loader(pool, 9, data.InfiniteSampler(len(pool), seed=0), workers=2)
-    weak, strong, index, skipped = next(iter(loader))
+    images, index, skipped = next(iter(loader))
     assert sorted(index.tolist()) == [1, 1, 2, 4, 4, 6, 6, 8, 8] and skipped.sum() == 4
-    only_bad = data.UnlabeledPool([pools.open_pool(str(folder))], None)
+    # decoded once into memory: the 4 bad files are dropped and counted, the 5 good ones kept in order
+    kept = data.in_memory(pool, workers=2)
+    assert len(kept) == 5 and kept.unreadable == 4
+    assert torch.equal(kept.images, torch.stack([pool[i][0] for i in (1, 2, 4, 6, 8)]))
+    assert kept[4][1] == 4 and kept[4][2] == 0  # its index: the position in memory, the one slot per image
+    only_bad = data.UnlabeledPool([pools.open_pool(str(folder))], data.Decode(16))
     only_bad.sources[0].read = lambda i: Image.open(io.BytesIO(b'bad'))
     with pytest.raises(RuntimeError, match='100 unreadable'):
         only_bad[0]
+
+
+def test_describe_reads_a_small_pool_in_full(tmp_path, monkeypatch, capsys):
+    """python data.py POOL: how many files open as images, and why the others do not, counted by reason."""
+    folder = tmp_path / 'faces'
+    os.makedirs(folder)
+    for k in range(3):
+        Image.new('RGB', (8, 8), (k, 0, 0)).save(folder / f'{k}_good.png')
+    for k in range(2):
+        (folder / f'{k}_text.png').write_text(f'not a picture, number {k}')
+    found = data.describe(str(folder), workers=2)
+    assert found['images'] == 5 and found['checked'] and found['readable'] == 3
+    (reason, count), = found['unreadable'].items()
+    assert count == 2 and 'cannot identify image file' in reason and found['examples'][reason].endswith('_text.png')
+    text = data.describe_text(found)
+    assert '5 images; all read: 3 open as images, 2 do not' in text and f'2: {reason}' in text
+    monkeypatch.setattr(data, 'CHECK_UP_TO', 4)  # a larger pool: counted, not read, unless asked
+    found = data.describe(str(folder))
+    assert not found['checked'] and 'readable' not in found and 'not read' in data.describe_text(found)
+    assert data.describe(str(folder), check_all=True)['readable'] == 3
+    capsys.readouterr()
+    monkeypatch.setattr(sys, 'argv', ['data.py', str(tmp_path / 'none')])  # a bad path: one line, exit status 1
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(os.path.join(ROOT, 'data.py'), run_name='__main__')
+    out, err = capsys.readouterr()
+    assert exit.value.code == 1 and out == '' and err.splitlines() == [f'{tmp_path / "none"}: no such file or folder']

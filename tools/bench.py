@@ -1,12 +1,18 @@
 """
-Speed of the training step and of the data pipeline (issue 6): train.py's step (weak view under no_grad, then one
-forward+backward on [labeled, strong]) against the common single forward+backward on [labeled, weak, strong]; the
-images/s of one loader worker, labeled and unlabeled, with the unlabeled pipeline's cost per stage; train.py's step
-fed by data.loader against the same step fed one pre-made batch. Each comparison interleaves its two variants,
-repeats them and takes medians, so its ratio holds on a loaded machine; absolute times do not.
+Speed of the data pipeline and of the training step, side by side in one run:
+  augmentation  the unlabeled views of a batch (weak; strong = weak + RandAugment + Cutout; normalised), made by
+                data.Augment on the whole batch on the training device, against the per-image path loader workers
+                used to take (RandAugment on PIL images, one image at a time; kept below for this comparison only)
+  step          the training step (weak view under no_grad, then one forward+backward on [labeled, strong])
+                against the common single forward+backward on [labeled, weak, strong], on ready views
+  end to end    images/s of the whole step, augmentation included, fed by data.batches from image files through
+                loader workers, from the decoded set in memory (data.in_memory), and from pre-made uint8 batches
+  channels_last the step with the model and its inputs in channels_last memory format against contiguous
+Each comparison interleaves its variants, repeats them and takes medians, so its ratios hold on a loaded machine;
+absolute times do not.
 
-    python bench.py                    # B=16, mu=7 at 48 and 112 px; CUDA (bf16, channels_last) when there is one
-    python bench.py --batch-size 64 --steps 50 --compile --json
+    python tools/bench.py              # B=16, mu=7 at 48 and 112 px; CUDA (bf16) when there is one
+    python tools/bench.py --batch-size 64 --steps 50 --compile --json
 """
 import argparse
 import json
@@ -20,7 +26,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import default_collate
+from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))  # the project's modules
@@ -36,7 +42,7 @@ parser.add_argument('--mu', type=int, default=7, help='unlabeled images per labe
 parser.add_argument('--sizes', type=int, nargs='+', default=[48, 112], help='image sizes; end to end uses the first')
 parser.add_argument('--repeats', type=int, default=3, help='interleaved repeats of each comparison')
 parser.add_argument('--steps', type=int, help='timed steps per repeat (default 20 on CUDA, 2 on the CPU)')
-parser.add_argument('--images', type=int, default=200, help='images drawn per size, for the pipeline')
+parser.add_argument('--images', type=int, default=200, help='image files drawn per size')
 parser.add_argument('--jpeg', help='a folder of 112 px JPEG faces (e.g. lfw112) to use instead of drawn ones')
 parser.add_argument('--workers', type=int, help='processes per loader (default: as train.py, data.default_workers)')
 parser.add_argument('--threads', type=int, help="the step's CPU threads (default: torch's, as in train.py)")
@@ -68,11 +74,12 @@ def timed(fn, n=1):
     return (time.perf_counter() - t0) / n
 
 
-def compare(a, b, n=1):
-    """Median seconds per call of a and of b, interleaved --repeats times, and the median of the ratios a/b, each
-    from two adjacent runs that shared the machine's load at the time."""
-    times = [(timed(a, n), timed(b, n)) for _ in range(args.repeats)]
-    return [statistics.median(t) for t in zip(*times)] + [statistics.median(ta / tb for ta, tb in times)]
+def compare(*fns, n=1):
+    """Median seconds per call of each fn, interleaved --repeats times, then the median ratio of the first to each
+    other, each ratio from adjacent runs that shared the machine's load at the time."""
+    times = [[timed(fn, n) for fn in fns] for _ in range(args.repeats)]
+    return ([statistics.median(t) for t in zip(*times)] +
+            [statistics.median(t[0] / t[k] for t in times) for k in range(1, len(fns))])
 
 
 # -----------------------------------------------------------------------------
@@ -89,122 +96,166 @@ for size in args.sizes:
 
 
 def datasets(size):
-    augment = data.Augment(size)
+    decode = data.Decode(size)
     labeled = data.LabeledSet(files[size], [i % 8 for i in range(len(files[size]))], list(faces.CLASSES), 'bench')
-    labeled.view = augment.weak_view
-    return labeled, data.UnlabeledPool([pools.ListPool(files[size])], augment), augment
+    labeled.decode = decode
+    return labeled, data.UnlabeledPool([pools.ListPool(files[size])], decode)
 
 
-def loader_batches(size, workers=args.workers):
-    """Batches as train.py draws them: data.loader (pinned memory on CUDA), InfiniteSampler, `workers` processes."""
-    labeled, pool, _ = datasets(size)
-    labeled_iter = iter(data.loader(labeled, B, data.InfiniteSampler(len(labeled), 0), workers, cuda))
-    pool_iter = iter(data.loader(pool, U, data.InfiniteSampler(len(pool), 1), workers, cuda))
-    while True:
-        yield *next(labeled_iter), *next(pool_iter)[:3]
+class PerImage:
+    """The per-image path, for comparison only: the two views of one uint8 image as loader workers made them,
+    RandAugment on a PIL image (faster there than on a small tensor), the rest written out."""
 
+    def __init__(self, size):
+        self.size, self.pad = size, size // 8
+        self.randaugment = v2.RandAugment(num_ops=2, magnitude=10)
+        self.cutout = v2.RandomErasing(p=1.0, scale=(0.02, 0.15), ratio=(0.3, 3.3), value=0)
 
-def stages(augment, path):
-    """Augment.two_views on one file, its calls in its order, timed one by one: seconds per stage."""
-    chain = (formats.open_image, augment.decode, lambda image: (augment.weak(image), augment.weak(image)),
-             lambda views: (views[0], pil_to_tensor(augment.randaugment(to_pil_image(views[1])))),
-             lambda views: [augment.normalize(view) for view in views], lambda views: augment.cutout(views[1]))
-    value, clock = path, [time.perf_counter()]
-    for fn in chain:
-        value = fn(value)
-        clock.append(time.perf_counter())
-    return [b - a for a, b in zip(clock, clock[1:])]
+    def weak(self, image):
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        image = F.pad(image, [self.pad] * 4, mode='reflect')
+        top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+        return image[:, top:top + self.size, left:left + self.size]
 
-
-# -----------------------------------------------------------------------------
-# the two steps, set up as in train.py: channels_last and bf16 autocast on CUDA, non_blocking copies
-model = build_model(args.arch, len(faces.CLASSES)).to(device, memory_format=torch.channels_last if cuda else None)
-params = [t for t in model.state_dict().values() if t.is_floating_point()]
-ema = [t.detach().clone() for t in params]  # the weight EMA, as train.py's update_ema
-decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
-optimizer = torch.optim.SGD([dict(params=decay, weight_decay=5e-4), dict(params=no_decay, weight_decay=0)],
-                            lr=0.03, momentum=0.9, nesterov=True)
-scaler = torch.amp.GradScaler('cuda', enabled=cuda and amp_dtype == torch.float16)  # a no-op unless fp16
-threshold = DynamicThreshold(len(faces.CLASSES)).to(device)
-net = torch.compile(model) if args.compile else model
-
-
-def step(batch, concatenated=False):
-    x, y, weak, strong, index = (t.to(device, non_blocking=True) for t in batch)
-    if cuda:
-        x, weak, strong = (t.contiguous(memory_format=torch.channels_last) for t in (x, weak, strong))
-    with autocast:
-        if concatenated:  # the common step: the weak view joins the graph, and the batch norm statistics
-            logits_x, logits_w, logits_u = net(torch.cat([x, weak, strong])).split([B, U, U])
-            pseudo, mask = threshold(logits_w.detach().float().softmax(dim=1), index)
-        else:  # train.py's: the weak view only makes targets, so no graph and no activations kept for it
-            with torch.no_grad():
-                probs = net(weak).float().softmax(dim=1)
-            pseudo, mask = threshold(probs, index)
-            logits_x, logits_u = net(torch.cat([x, strong])).split([B, U])
-        loss_u = (F.cross_entropy(logits_u.float(), pseudo, reduction='none') * mask).mean()
-        loss = F.cross_entropy(logits_x.float(), y) + loss_u
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    torch._foreach_lerp_(ema, params, 0.001)
+    def __call__(self, image):
+        strong = pil_to_tensor(self.randaugment(to_pil_image(self.weak(image))))
+        return data.normalize(self.weak(image)[None])[0], self.cutout(data.normalize(strong[None])[0])
 
 
 # -----------------------------------------------------------------------------
-# per size: the two steps on a pre-made batch; one worker's pipeline, on one thread as DataLoader's workers run
+# the two steps, set up as in train.py: bf16 autocast and channels_last on CUDA, non_blocking copies
+
+
+def make_step(channels_last=cuda):
+    """train.py's step on ready views (x, y, weak, strong, index), or with concatenated=True the common one, for a
+    model of its own in the given memory format."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(args.arch, len(faces.CLASSES)).to(device, memory_format=memory_format).train()
+    params = [t for t in model.state_dict().values() if t.is_floating_point()]
+    ema = [t.detach().clone() for t in params]  # the weight EMA, as train.py's update_ema
+    decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([dict(params=decay, weight_decay=5e-4), dict(params=no_decay, weight_decay=0)],
+                                lr=0.03, momentum=0.9, nesterov=True)
+    scaler = torch.amp.GradScaler('cuda', enabled=cuda and amp_dtype == torch.float16)  # a no-op unless fp16
+    threshold = DynamicThreshold(len(faces.CLASSES)).to(device)
+    net = torch.compile(model) if args.compile else model
+
+    def step(x, y, weak, strong, index, concatenated=False):
+        x, weak, strong = (t.contiguous(memory_format=memory_format) for t in (x, weak, strong))
+        with autocast:
+            if concatenated:  # the common step: the weak view joins the graph, and the batch norm statistics
+                logits_x, logits_w, logits_u = net(torch.cat([x, weak, strong])).split([len(x), len(weak), len(weak)])
+                pseudo, mask = threshold(logits_w.detach().float().softmax(dim=1), index)
+            else:  # train.py's: the weak view only makes targets, so no graph and no activations kept for it
+                with torch.no_grad():
+                    probs = net(weak).float().softmax(dim=1)
+                pseudo, mask = threshold(probs, index)
+                logits_x, logits_u = net(torch.cat([x, strong])).split([len(x), len(strong)])
+            loss_u = (F.cross_entropy(logits_u.float(), pseudo, reduction='none') * mask).mean()
+            loss = F.cross_entropy(logits_x.float(), y) + loss_u
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        torch._foreach_lerp_(ema, params, 0.001)
+    return step
+
+
+def augmented_step(step, augment, generator):
+    """The whole training step on uint8 batches on the device: the views, then the step."""
+    def run(labeled, unlabeled):
+        (images, labels), (pool_images, index, _) = labeled, unlabeled
+        x = augment.labeled_view(images, generator)
+        weak, strong = augment.unlabeled_views(pool_images, generator)
+        step(x, labels, weak, strong, index)
+    return run
+
+
+def first_batches(size):
+    """One labeled and one unlabeled uint8 batch on the device, decoded from the files."""
+    labeled, pool = datasets(size)
+    return (next(data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), 0, device)),
+            next(data.batches(pool, U, data.InfiniteSampler(len(pool), 1), 0, device)))
+
+
+# -----------------------------------------------------------------------------
+# per size: the augmentation, batched on the device against per image; the two steps on ready views
 results = dict(config=dict(device=torch.cuda.get_device_name() if cuda else f'cpu, {os.cpu_count()} cores',
                            threads=torch.get_num_threads(), load=round(os.getloadavg()[0], 1), torch=torch.__version__,
                            arch=args.arch, batch_size=B, mu=args.mu, compile=args.compile), sizes={})
-model.train()
+step = make_step()
 for size in args.sizes:
-    batch = next(loader_batches(size, 0))
-    timed(lambda: (step(batch), step(batch, True)), 2)  # warm-up: allocator, cuDNN autotuning, compilation
-    ours, concat, ratio = compare(lambda: step(batch), lambda: step(batch, True), steps)
+    augment, per_image, generator = data.Augment(size), PerImage(size), torch.Generator().manual_seed(0)
+    (images, labels), (pool_images, index, _) = first_batches(size)
+    on_cpu = pool_images.cpu()
+    augment.unlabeled_views(pool_images, generator)  # warm-up
+    batched_s, per_image_s, _ = compare(lambda: augment.unlabeled_views(pool_images, generator),
+                                        lambda: [per_image(image) for image in on_cpu])
+    decode = data.Decode(size)
+    decode_s = statistics.median(timed(lambda: [decode(formats.open_image(path)) for path in files[size]])
+                                 for _ in range(args.repeats)) / len(files[size])
 
-    threads, n, (labeled, pool, augment) = torch.get_num_threads(), len(files[size]), datasets(size)
-    torch.set_num_threads(1)
-    labeled_s, unlabeled_s, _ = compare(lambda: [labeled[(i, i)] for i in range(n)],
-                                        lambda: [pool[(i, i)] for i in range(n)])
-    tensors = [augment.weak(augment.decode(formats.open_image(path))) for path in files[size]]
-    _, _, pil_ratio = compare(lambda: [pil_to_tensor(augment.randaugment(to_pil_image(t))) for t in tensors],
-                              lambda: [augment.randaugment(t) for t in tensors])  # the two ways two_views could go
-    seconds = torch.tensor([stages(augment, path) + [timed(lambda: pool[(i, i)])]
-                            for _ in range(args.repeats) for i, path in enumerate(files[size])]).mean(0)
-    seconds[-1] -= seconds[:-1].sum()  # the whole sample, timed next to its stages, less them: seeding and glue
-    us = dict(zip(('read', 'decode', 'weak x2', 'randaugment', 'normalize x2', 'cutout', 'rest'),
-                  (1e6 * seconds).tolist()))
-    samples = [pool[(i % n, i)] for i in range(U)]
-    us['collate'] = statistics.median(timed(lambda: default_collate(samples)) for _ in range(args.repeats)) * 1e6 / U
-    torch.set_num_threads(threads)
-    results['sizes'][size] = dict(step_ours_s=ours, step_concatenated_s=concat, step_ratio=ratio,
-                                  labeled_img_s=n / labeled_s, unlabeled_img_s=n / unlabeled_s,
-                                  randaugment_pil_over_tensor=pil_ratio, us_per_unlabeled=us)
+    x = augment.labeled_view(images, generator)
+    weak, strong = augment.unlabeled_views(pool_images, generator)
+    timed(lambda: (step(x, labels, weak, strong, index), step(x, labels, weak, strong, index, True)), 2)  # warm-up
+    ours, concat, ratio = compare(lambda: step(x, labels, weak, strong, index),
+                                  lambda: step(x, labels, weak, strong, index, True), n=steps)
+    results['sizes'][size] = dict(aug_batched_us=1e6 * batched_s / U, aug_per_image_us=1e6 * per_image_s / U,
+                                  aug_speedup=per_image_s / batched_s, decode_us=1e6 * decode_s,
+                                  step_ours_s=ours, step_concatenated_s=concat, step_ratio=ratio)
 
 # -----------------------------------------------------------------------------
-# end to end; here the loader workers and the step share the CPU cores, on a GPU host only the step's launches do
-size, batch, loader_s, premade_s = args.sizes[0], next(loader_batches(args.sizes[0], 0)), [], []
+# end to end at the first size; on the CPU the loader workers and the step share the cores
+size = args.sizes[0]
+labeled, pool = datasets(size)
+labeled_kept, pool_kept = data.in_memory(labeled, args.workers, device), data.in_memory(pool, args.workers, device)
+run = augmented_step(step, data.Augment(size), torch.Generator().manual_seed(0))
+premade = first_batches(size)
+loader_s, memory_s, premade_s = [], [], []
 for _ in range(args.repeats):
-    batches = loader_batches(size)
-    timed(lambda: step(next(batches)), 2)  # the workers start and fill their prefetch queues
-    loader_s.append(timed(lambda: step(next(batches)), 3 * steps))
-    batches.close()  # the workers exit: they must not take CPU from the pre-made block
-    premade_s.append(timed(lambda: step(batch), 3 * steps))
+    streams = [data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), args.workers, device),
+               data.batches(pool, U, data.InfiniteSampler(len(pool), 1), args.workers, device)]
+    timed(lambda: run(*map(next, streams)), 2)  # the workers start and fill their prefetch queues
+    loader_s.append(timed(lambda: run(*map(next, streams)), 3 * steps))
+    for stream in streams:
+        stream.close()  # the workers exit: they must not take CPU from the other two
+    kept = [data.batches(labeled_kept, B, data.InfiniteSampler(len(labeled_kept), 0), 0, device),
+            data.batches(pool_kept, U, data.InfiniteSampler(len(pool_kept), 1), 0, device)]
+    memory_s.append(timed(lambda: run(*map(next, kept)), 3 * steps))
+    premade_s.append(timed(lambda: run(*premade), 3 * steps))
 images = B + 2 * U  # through the network per step
 results['end_to_end'] = dict(size=size, workers=args.workers, loader_img_s=images / statistics.median(loader_s),
+                             memory_img_s=images / statistics.median(memory_s),
                              premade_img_s=images / statistics.median(premade_s),
-                             ratio=statistics.median(p / ls for ls, p in zip(loader_s, premade_s)))
+                             ratio=statistics.median(p / ls for ls, p in zip(loader_s, premade_s)),
+                             memory_ratio=statistics.median(p / m for m, p in zip(memory_s, premade_s)))
+
+# -----------------------------------------------------------------------------
+# channels_last against contiguous: the step at the first size, each format with a model of its own
+contiguous_step, channels_last_step = make_step(channels_last=False), make_step(channels_last=True)
+augment, generator = data.Augment(size), torch.Generator().manual_seed(0)
+(images, labels), (pool_images, index, _) = premade
+views = augment.labeled_view(images, generator), labels, *augment.unlabeled_views(pool_images, generator), index
+timed(lambda: (contiguous_step(*views), channels_last_step(*views)), 2)  # warm-up
+contiguous_s, channels_last_s, cl_ratio = compare(lambda: contiguous_step(*views), lambda: channels_last_step(*views),
+                                                  n=steps)
+results['channels_last'] = dict(size=size, threads=torch.get_num_threads(), contiguous_s=contiguous_s,
+                                channels_last_s=channels_last_s, ratio=cl_ratio)
 tmp.cleanup()
 
 if args.json:
     print(json.dumps(results, indent=1))
 else:
     print(', '.join(f'{k} {v}' for k, v in results['config'].items()))
-    print(f'{"":30}' + ''.join(f'{f"{s} px":>9}' for s in args.sizes))
-    rows = {k: [r[k] for r in results['sizes'].values()] for k in results['sizes'][size] if k != 'us_per_unlabeled'}
-    rows |= {f'  us/image {k}': [r['us_per_unlabeled'][k] for r in results['sizes'].values()] for k in us}
-    for name, values in rows.items():
-        print(f'{name:30}' + ''.join(f'{v:9.{2 if abs(v) < 10 else 0}f}' for v in values))
+    print(f'{"":24}' + ''.join(f'{f"{s} px":>10}' for s in args.sizes))
+    for key in results['sizes'][size]:
+        values = [r[key] for r in results['sizes'].values()]
+        print(f'{key:24}' + ''.join(f'{v:10.{2 if abs(v) < 10 else 0}f}' for v in values))
     r = results['end_to_end']
-    print(f'end to end at {size} px, {args.workers} workers per loader: {r["loader_img_s"]:.0f} img/s through the '
-          f'network, {r["premade_img_s"]:.0f} from a pre-made batch: ratio {r["ratio"]:.2f}')
+    print(f'end to end at {size} px, images/s through the network: {r["loader_img_s"]:.0f} fed by {args.workers} '
+          f'workers per loader, {r["memory_img_s"]:.0f} from memory, {r["premade_img_s"]:.0f} from pre-made batches '
+          f'(loader/pre-made {r["ratio"]:.2f}, memory/pre-made {r["memory_ratio"]:.2f})')
+    r = results['channels_last']
+    print(f'channels_last at {size} px, {r["threads"]} threads: {r["channels_last_s"]:.3f} s/step against '
+          f'{r["contiguous_s"]:.3f} contiguous (contiguous/channels_last {r["ratio"]:.2f})')

@@ -1,10 +1,16 @@
 """
-Issue 4, "prove the method on real faces": FER2013 with 10% of its training labels, LFW faces as unlabeled data.
+The real-faces experiment: FER2013 with 10% of its training labels, LFW faces as unlabeled data
+(experiments/fer_lfw/README.md has the protocol, the data and the results).
 
-    python fer_lfw.py prepare [--work data/fer_lfw] [--seed 0]     extract the data, build the split, print the runs
-    python fer_lfw.py prepare > runs.sh                             the same, as a shell script (notes are # comments)
-    python fer_lfw.py table [--runs runs/fer_lfw]                   mean and spread over seeds, from the runs' logs
-    python fer_lfw.py probe runs/fer_lfw/sup10_s0/best.pt          what a model makes of the LFW faces
+    python experiments/fer_lfw/run.py prepare --fer2013 PATH --lfw PATH > runs.sh   extract or link the data, build
+                                                                 the split, print one train.py command per row and seed
+    python experiments/fer_lfw/run.py table [--runs runs/fer_lfw]            mean and spread over seeds, from the logs
+    python experiments/fer_lfw/run.py probe runs/fer_lfw/sup10_s0/best.pt    what a model makes of the LFW faces
+
+--fer2013 is a tar (gzip allowed) or a folder holding train/<class>/ and val/<class>/ (val: the PublicTest images),
+at its top or in its one top folder; --lfw is a tar or a folder of <Person_Name>/ folders of face photos, likewise.
+A tar is extracted once into WORK, a folder is linked from WORK; WORK keeps them, so another data set needs another
+--work. Run it from the repository root: the printed commands are `python train.py ...` with paths under WORK.
 
 Protocol. Labeled: a class-stratified 10% of fer2013/train, fixed by --seed (per class: file names sorted, a
 torch.randperm from one torch.Generator seeded once, classes in sorted order, the first round(10% of n) taken,
@@ -14,16 +20,16 @@ Methods: supervised only, FixMatch, FlexMatch, FreeMatch, DTM; reference: superv
 Every run the same: ResNet-18 at 48 px, every image grey (--grey), B=16, mu=3, 1,500 steps, lr 0.01 after 100
 warm-up steps (chosen on supervised-only validation runs), --own-bn (the LFW faces normalised by their own batch
 statistics, the running ones kept for FER2013); only --threshold and the data differ.
-Everything in WORK is symlinks into the two extracted tars, nothing is copied:
-    WORK/fer2013/, WORK/lfw112/                 the tars of ../shared/data, extracted once
+Everything else in WORK is symlinks into those two, nothing is copied:
+    WORK/fer2013/, WORK/lfw112/                 the two data sets, extracted (a tar) or linked (a folder)
     WORK/labeled10/train/<class>/  val -> ../fer2013/val      ImageFolder: the 10%
     WORK/full/train -> ../fer2013/train, val                 ImageFolder: 100% of the labels
     WORK/rest90/<class>/                        the other 90%, a folder pool for --unlabeled (labels unused)
     WORK/lfw_ids/{train,val}/<person>/          ImageFolder: LFW identities with 4+ photos, each one's last to val
 With --pretrain, prepare first prints a face-recognition pretraining run (ResNet-18 classifying the 610 LFW
 identities of lfw_ids, the FER protocol's input size and grey images) and every row starts from its weights
-(--weights): FER models usually start from face-recognition weights (MS-Celeb-1M), which cannot be downloaded here,
-and a from-scratch ResNet learns slowly at this budget.
+(--weights): FER models usually start from face-recognition weights (MS-Celeb-1M), and a from-scratch ResNet
+learns slowly at this budget.
 """
 import argparse
 import csv
@@ -48,7 +54,6 @@ PERCENT = 10  # labeled share of each class
 IDENTITY_MIN = 4  # photos a person needs in LFW to be an identity of the pretraining set (one of them held out)
 # face-recognition pretraining on lfw_ids: 64 faces a step, 1,500 steps (~16 epochs of its 6,123 images)
 PRETRAIN = '--threshold none --batch-size 64 --lr 0.05 --lr-warmup 100 --steps 1500 --eval-every 500 --save-every 500'
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data')
 SEMI = [('fixmatch', 'FixMatch', 'fixed'), ('flexmatch', 'FlexMatch', 'flexmatch'),  # run name, table name, --threshold
         ('freematch', 'FreeMatch', 'freematch'), ('dtm', 'DTM', 'dtm')]
 # the table's rows in order: run name prefix (the folder is PREFIX_s<seed>) -> (method, --threshold, labeled set,
@@ -62,18 +67,83 @@ ROWS = {'sup10': ('supervised', 'none', 'labeled10', ()),
 # prepare
 
 
-def extract(tar, work, name):
-    """Extract tar (whose top folder is `name`) into work, once: into a temporary folder, then one rename, so an
-    interrupted extraction is never mistaken for a finished one."""
-    if os.path.isdir(os.path.join(work, name)):
+def is_fer2013_root(folder):
+    return all(os.path.isdir(os.path.join(folder, split)) for split in ('train', 'val'))
+
+
+def is_lfw_root(folder):
+    """A folder of people: some subfolder holds photos directly."""
+    return any(os.path.isdir(os.path.join(folder, p)) and any(f.lower().endswith(IMAGE_EXTENSIONS)
+               for f in os.listdir(os.path.join(folder, p))) for p in os.listdir(folder))
+
+
+# name in WORK -> (prepare's flag, how to recognise the data set's root folder, its layout in words)
+DATASETS = {'fer2013': ('--fer2013', is_fer2013_root, 'train/<class>/ and val/<class>/'),
+            'lfw112': ('--lfw', is_lfw_root, '<Person_Name>/ folders of face photos')}
+
+
+def dataset_root(folder, name):
+    """The folder that holds `name`'s data set: `folder` itself or its one top folder (the usual way a tar is
+    packed); None if neither."""
+    is_root = DATASETS[name][1]
+    if is_root(folder):
+        return folder
+    subfolders = [os.path.join(folder, f) for f in os.listdir(folder) if os.path.isdir(os.path.join(folder, f))]
+    return subfolders[0] if len(subfolders) == 1 and is_root(subfolders[0]) else None
+
+
+def layout_error(flag, path, layout):
+    return (f'{flag} {path}: found no {layout} at its top or in its one top folder '
+            f'(experiments/fer_lfw/README.md describes the layout)')
+
+
+def check_prepare(args):
+    """Every mistake in prepare's arguments, before anything is written (a tar's layout is known once it is
+    extracted: install checks it)."""
+    for name, (flag, _, layout) in DATASETS.items():
+        path = getattr(args, flag[2:])
+        if path is None:
+            sys.exit(f'prepare needs {flag} PATH: a tar or a folder holding {layout} '
+                     f'(experiments/fer_lfw/README.md says where to get it)')
+        if os.path.isdir(path):
+            if dataset_root(path, name) is None:
+                sys.exit(layout_error(flag, path, layout))
+        elif not os.path.isfile(path):
+            sys.exit(f'{flag} {path}: no such file or folder')
+        elif not tarfile.is_tarfile(path):
+            sys.exit(f'{flag} {path}: neither a folder nor a tar')
+        built = os.path.join(args.work, name)
+        if os.path.lexists(built):  # made by an earlier prepare: from this data set?
+            if os.path.isdir(path):
+                same = os.path.realpath(built) == os.path.realpath(dataset_root(path, name))
+            else:  # a tar: which one is not recorded, but it was extracted, not linked
+                same = not os.path.islink(built)
+            if not same:
+                sys.exit(f'{flag} {path}: {built} was made from another {flag} by an earlier prepare; '
+                         f'pass another --work')
+
+
+def install(path, work, name):
+    """work/name: the data set at path, a folder (linked) or a tar (extracted once: into a temporary folder, then
+    one rename, so an interrupted extraction is never mistaken for a finished one)."""
+    built = os.path.join(work, name)
+    if os.path.lexists(built):
+        return
+    if os.path.isdir(path):
+        os.symlink(os.path.abspath(dataset_root(path, name)), built)
         return
     tmp = os.path.join(work, f'.{name}.tmp')
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f'# extracting {tar} into {work}', file=sys.stderr)
-    with tarfile.open(tar) as f:
+    print(f'# extracting {path} into {work}', file=sys.stderr)
+    with tarfile.open(path) as f:
         f.extractall(tmp, filter='data')  # 'data': no absolute paths, no links out of tmp
-    os.rename(os.path.join(tmp, name), os.path.join(work, name))
-    os.rmdir(tmp)
+    root = dataset_root(tmp, name)
+    if root is None:
+        shutil.rmtree(tmp)
+        flag, _, layout = DATASETS[name]
+        sys.exit(layout_error(flag, path, layout))
+    os.rename(root, built)
+    shutil.rmtree(tmp)
 
 
 def class_files(folder):
@@ -115,10 +185,11 @@ def link(target, path):
 
 
 def prepare(args):
+    check_prepare(args)
     work = args.work
     os.makedirs(work, exist_ok=True)
-    extract(os.path.join(args.shared, 'fer2013.tar'), work, 'fer2013')
-    extract(os.path.join(args.shared, 'lfw112.tar'), work, 'lfw112')
+    install(args.fer2013, work, 'fer2013')
+    install(args.lfw, work, 'lfw112')
     train = os.path.join(work, 'fer2013', 'train')
     files = class_files(train)
     chosen = choose(files, PERCENT, args.seed)
@@ -161,7 +232,8 @@ def prepare(args):
     print(f'# split sha256 {hashlib.sha256(listing.encode()).hexdigest()[:16]} ({split_file})')
     print(f'# rest90: {sum(map(len, rest.values()))} images; lfw112: {lfw} images; val: fer2013/val')
     # --grey: FER2013 is grey, LFW colour (a colour face is outside the domain of a model that saw only grey ones);
-    # --own-bn: batch statistics mixed from both domains bias the model towards one class on LFW (README)
+    # --own-bn: batch statistics mixed from both domains bias the model towards one class on LFW
+    # (experiments/fer_lfw/README.md)
     common = (f'--grey --own-bn --img-size {args.img_size} --steps {args.steps} --batch-size {args.batch_size} '
               f'--mu {args.mu} --lr {args.lr} --lr-warmup {args.lr_warmup} --eval-every {args.eval_every} '
               f'--save-every {args.eval_every}')
@@ -343,6 +415,10 @@ def linear_probe_accuracy(features, labels, folds=5, generator=None):
 
 
 def probe(args):
+    for flag, path in (('checkpoint', args.checkpoint), ('--unlabeled', args.unlabeled), ('--labeled', args.labeled)):
+        if not os.path.exists(path):
+            sys.exit(f'probe {flag} {path}: not found (prepare builds data/fer_lfw; pass --unlabeled and --labeled '
+                     f'for another --work)')
     import data
     import model
     checkpoint = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
@@ -351,15 +427,16 @@ def probe(args):
     net.load_state_dict(checkpoint['ema_model'])
     net.eval()
     trunk = torch.nn.Sequential(*list(net.children())[:-1], torch.nn.Flatten())  # all but fc: the features
-    view = data.Augment(config['img_size'], config.get('grey', False)).eval_view
+    decode = data.Decode(config['img_size'], config.get('grey', False))  # as evaluation sees an image
     generator = torch.Generator().manual_seed(0)
 
     def features(root):
         files = image_files(root)
         files = [files[i] for i in torch.randperm(len(files), generator=generator)[:args.images].tolist()]
+        batches = [torch.stack([decode(formats.open_image(f)) for f in files[i:i + 256]])
+                   for i in range(0, len(files), 256)]
         with torch.no_grad():
-            return torch.cat([trunk(torch.stack([view(formats.open_image(f)) for f in files[i:i + 256]]))
-                              for i in range(0, len(files), 256)])
+            return torch.cat([trunk(data.normalize(images)) for images in batches])
     unlabeled, labeled = features(args.unlabeled), features(args.labeled)
     probs = net.fc(unlabeled).softmax(dim=1).detach()
     confidence, predicted = probs.max(dim=1)
@@ -377,11 +454,16 @@ def probe(args):
     print(json.dumps(result))
 
 
-if __name__ == '__main__':
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
-    p = sub.add_parser('prepare', help='extract, build the split, print the train.py commands')
-    p.add_argument('--shared', default=SHARED, help='folder holding fer2013.tar and lfw112.tar')
+    p = sub.add_parser('prepare', help='extract or link the data, build the split, print the train.py commands')
+    p.add_argument('--fer2013', help='FER2013: a tar or a folder holding train/<class>/ and val/<class>/')
+    p.add_argument('--lfw', help='LFW faces (112 px centre crops): a tar or a folder of <Person_Name>/ folders')
     p.add_argument('--work', default='data/fer_lfw', help='where to extract and build (git-ignored)')
     p.add_argument('--seed', type=int, default=0, help='seed of the labeled split')
     p.add_argument('--runs', default='runs/fer_lfw', help='parent of the printed --out folders')
@@ -405,5 +487,9 @@ if __name__ == '__main__':
     r.add_argument('--unlabeled', default='data/fer_lfw/lfw112')
     r.add_argument('--labeled', default='data/fer_lfw/fer2013/val')
     r.add_argument('--images', type=int, default=800, help='images drawn from each')
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    args = parse_args()
     {'prepare': prepare, 'table': table, 'probe': probe}[args.command](args)
