@@ -78,9 +78,9 @@ run.add_argument('--compile', action='store_true', help='torch.compile the model
 variants = parser.add_argument_group('variants')
 variants.add_argument('--grey', action='store_true', help='every image grey: a grey labeled set (FER2013) with '
                       'colour unlabeled faces')
-variants.add_argument('--own-bn', action='store_true', help='unlabeled views are normalised by their own batch '
-                      'statistics and leave the running ones to the labeled images: for unlabeled faces from another '
-                      'domain (face-recognition photos)')
+variants.add_argument('--own-bn', action='store_true', help='strong views are normalised by their own batch '
+                      'statistics, the teacher and evaluation use the running ones, which only labeled images move: '
+                      'for unlabeled faces from another domain (face-recognition photos)')
 variants.add_argument('--teacher', default='live', choices=('live', 'ema'),
                       help='who makes the pseudo-labels: the live model (FixMatch) or its weight EMA')
 variants.add_argument('--balanced', action='store_true', help='class-balanced sampling of the labeled set')
