@@ -7,6 +7,7 @@ adaptive average pool reduces to one vector; pass --img-size 112 to upsample sma
 resolution at ~5x the compute. Grey images are converted to 3 channels by the data loader.
 """
 import pickle
+import zipfile
 from contextlib import contextmanager
 
 import torch
@@ -25,16 +26,24 @@ def build_model(arch, num_classes, weights=None):
     return model
 
 
+def load_file(path):
+    """torch.load(path, weights_only=True): a weights or checkpoint file is data, never code. Whatever is wrong with
+    the file becomes one ValueError that names it."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise ValueError(f'{path}: not a file written by torch.save')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f'{path}: holds objects other than tensors and plain data, which could run code when '
+                         'loaded: refused') from None
+    except Exception as error:  # a damaged archive
+        raise ValueError(f'{path}: torch.load cannot read it ({type(error).__name__}: {error})'.splitlines()[0]) from None
+
+
 def load_backbone(model, path):
     """Load backbone weights from a local file (a state dict, or a checkpoint holding one under 'model' or
     'state_dict'). weights_only=True: a weights file is data, never code. The fc layer is always replaced."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f'{path}: holds objects other than tensors and plain data, which could run code when loaded: '
-                         'refused') from None
-    except RuntimeError as error:  # not a torch.save file at all
-        raise ValueError(f'{path}: not a weights file saved by torch.save ({str(error).splitlines()[0]})') from None
+    state = load_file(path)
     for key in ('model', 'state_dict'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import os
-import pickle
 import platform
 import sys
 import time
@@ -34,7 +33,7 @@ import data
 from baselines.thresholds import FlexMatchThreshold, FreeMatchThreshold, fairness_loss
 from dtm import DynamicThreshold, FixedThreshold, unlabeled_loss
 from evaluate import evaluate, format_table
-from model import ARCHS, build_model, own_batch_statistics, running_statistics
+from model import ARCHS, build_model, load_file, own_batch_statistics, running_statistics
 from sources import faces, formats, pools
 
 # -----------------------------------------------------------------------------
@@ -103,11 +102,12 @@ if args.resume:
     if not os.path.isfile(path):
         fail(f'--resume: no checkpoint {path}')
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)  # a checkpoint is data, never code
-        saved_config = checkpoint['config']
-    except Exception as error:  # a truncated file, another program's file, a pickle that would run code
-        fail(f'--resume: {path} is not a train.py checkpoint: ' + ('it holds objects other than tensors and plain '
-             'data, which could run code when loaded' if isinstance(error, pickle.UnpicklingError) else repr(error)))
+        checkpoint = load_file(path)
+    except ValueError as error:
+        fail(f'--resume: {error}')
+    if not isinstance(checkpoint, dict) or not {'config', 'step', 'model'} <= checkpoint.keys():
+        fail(f'--resume: {path} is not a train.py checkpoint (no config, step and model in it)')
+    saved_config = checkpoint['config']
     # a setting the checkpoint's train.py did not have was off in that run: its default, not this command's
     vars(args).update({k: saved_config.get(k, parser.get_default(k)) for k in vars(args) if k not in OPERATIONAL})
     if checkpoint['step'] >= args.steps:
@@ -175,9 +175,12 @@ try:  # a reader names the file (and line) of what it cannot read
     sources = [pools.open_pool(p, reindex=args.reindex) for p in args.unlabeled] if semi else []
     # the pool's true labels where known, by class name (-1 elsewhere): logged, never trained on
     truth = pools.true_labels(sources, train_set.classes, args.pool_labels) if semi else None
-    model = build_model(args.arch, len(train_set.classes), None if args.resume else args.weights).to(device)
 except (OSError, ValueError) as error:
     fail(error)
+try:
+    model = build_model(args.arch, len(train_set.classes), None if args.resume else args.weights).to(device)
+except ValueError as error:
+    fail(f'--weights: {error}')
 if val_set.classes != train_set.classes:
     fail(f'--data: validation classes {val_set.classes} differ from training classes {train_set.classes}')
 pool = data.UnlabeledPool(sources, decode) if semi else None
