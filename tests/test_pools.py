@@ -115,7 +115,8 @@ def test_record_pool_rejects_damage(tmp_path):
         pools.open_pool(rec, reindex=True)
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, 'lfw112_rec')), reason='no shared data')
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, 'lfw112_rec')),
+                    reason=f'needs the research copy of LFW as MXNet RecordIO in {os.path.normpath(SHARED)}/lfw112_rec')
 def test_record_pool_mxnet_file(tmp_path):
     """The file MXNet 1.9.1 wrote: header labels [2001, 2935], images 1..2000, identity records 2001..2934."""
     for name in ('train.rec', 'train.idx'):  # linked, so that the index cache is written here, not in shared/
