@@ -63,7 +63,7 @@ def test_prepare_builds_an_exact_repeatable_split(tars, tmp_path):
     listing = open(os.path.join(work, 'labeled10', 'split.txt')).read().splitlines()
     assert listing[1:] == [f'{c}/{name}' for c in COUNTS for name in labeled[c]]
     commands = [line for line in result.stdout.splitlines() if line.startswith('python train.py')]
-    assert len(commands) == 2 * 10  # 2 seeds x (sup10, 4 methods x 2 pools, sup100)
+    assert len(commands) == 2 * 12  # 2 seeds x (sup10, 4 methods x 2 pools, FixMatch and DTM in-domain, sup100)
     assert all('--grey --own-bn' in c and '--steps 7' in c for c in commands)
     assert sum(f'--unlabeled {work}/lfw112 {work}/rest90 ' in c for c in commands) == 2 * 4
     assert not any('--weights' in c for c in commands)
@@ -145,8 +145,41 @@ def test_prepare_pretrain_builds_the_identities_and_starts_every_row_from_them(t
     commands = [line for line in result.stdout.splitlines() if line.startswith('python train.py')]
     assert commands[0].startswith(f'python train.py --data {identities} --grey ')
     assert commands[0].endswith('--out runs/x/pretrain/lfw_ids') and '--threshold none' in commands[0]
-    assert len(commands) == 1 + 2 * 10
+    assert len(commands) == 1 + 2 * 12
     assert all('--weights runs/x/pretrain/lfw_ids/best.pt --seed' in c for c in commands[1:])
+
+
+def test_prepare_in_domain_rows_read_the_other_90_percent_with_its_labels(tars, tmp_path):
+    from sources import pools
+    work = str(tmp_path / 'work')
+    (tmp_path / 'lfw.csv').write_text('image,emotion\nCy_C_0001.jpg,happiness\n')
+    result = run('prepare', *tars, '--work', work, '--runs', 'runs/x', '--lfw-labels', str(tmp_path / 'lfw.csv'))
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if line.startswith('python train.py')]
+    for seed in (0, 1):
+        for prefix, threshold in (('fixmatch_fer90', 'fixed'), ('dtm_fer90', 'dtm')):
+            mine = [c for c in commands if c.endswith(f'--out runs/x/{prefix}_s{seed}')]
+            assert len(mine) == 1 and f'--data {work}/labeled10 --unlabeled {work}/fer90 --threshold {threshold} ' \
+                in mine[0] and '--pool-labels' not in mine[0]
+    # every LFW row, and only they, measure their pseudo-labels against the LFW labels
+    assert [c for c in commands if '--pool-labels' in c] == [c for c in commands if f'{work}/lfw112' in c]
+    assert all(f'--pool-labels {tmp_path}/lfw.csv ' in c for c in commands if f'{work}/lfw112' in c)
+    assert sum(f'{work}/lfw112' in c for c in commands) == 2 * 8
+    # the pool: the 90% not in labeled10, each image with the class of its fer2013/train folder, none of the val
+    pool = pools.open_pool(os.path.join(work, 'fer90'))
+    truth = pools.true_labels([pool], list(COUNTS))
+    found = {}
+    for i in range(len(pool)):
+        target = os.path.realpath(pool.name(i))
+        folder, name = os.path.split(target)
+        assert os.path.dirname(folder) == os.path.realpath(os.path.join(work, 'fer2013', 'train'))
+        assert list(COUNTS)[truth[i]] == os.path.basename(folder)
+        found.setdefault(os.path.basename(folder), []).append(name)
+    labeled = {c: os.listdir(os.path.join(work, 'labeled10', 'train', c)) for c in COUNTS}
+    assert {c: len(v) for c, v in found.items()} == {c: n - len(labeled[c]) for c, n in COUNTS.items()}
+    assert not any(set(found[c]) & set(labeled[c]) for c in COUNTS)
+    missing = run('prepare', *tars, '--work', work, '--lfw-labels', str(tmp_path / 'nowhere.csv'))
+    assert missing.returncode != 0 and missing.stderr.startswith('--lfw-labels ') and missing.stdout == ''
 
 
 def write_log(folder, threshold, seed, f1s, accuracies, unlabeled=(), resumed=False, **config):
@@ -214,3 +247,33 @@ def test_linear_probe_tells_apart_only_what_differs():
     assert abs(fer_lfw.linear_probe_accuracy(same, labels, generator=generator) - 0.5) < 0.1
     shifted = same + labels[:, None] * torch.tensor([1.5] + [0.0] * 15)  # one feature differs by 1.5 sigma
     assert fer_lfw.linear_probe_accuracy(shifted, labels, generator=generator) > 0.7
+
+
+def test_table_reports_pseudo_label_quality_over_the_run_and_the_last_interval(tmp_path):
+    runs = tmp_path / 'runs'
+    write_log(runs / 'dtm_fer90_s0', 'dtm', 0, [0.30, 0.35], [0.40, 0.45], unlabeled=['x/fer90'], own_bn=True)
+    write_log(runs / 'sup10_s0', 'none', 0, [0.30, 0.32], [0.40, 0.41])
+    # two classes; train records at steps 50, 100 (first evaluation interval) and 150, 200 (the last one)
+    counts = {50: ([40, 20], [2, 0], [40, 20], [2, 0], [1, 0], [10, 5]),
+              100: ([30, 30], [6, 4], [30, 30], [6, 4], [3, 4], [12, 10]),
+              150: ([20, 40], [10, 10], [10, 20], [5, 5], [5, 2], [8, 15]),
+              200: ([25, 35], [12, 8], [25, 35], [12, 8], [9, 6], [15, 20])}
+    path = runs / 'dtm_fer90_s0' / 'log.jsonl'
+    records = [json.loads(line) for line in open(path)]
+    keys = ('predicted', 'accepted', 'labeled', 'accepted_labeled', 'accepted_correct', 'correct')
+    records[1:1] = [dict(event='train', step=step, time=1000.0, images_per_s=1.0, **dict(zip(keys, c)))
+                    for step, c in counts.items()]
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    result = run('table', '--runs', str(runs))
+    assert result.returncode == 0, result.stderr
+    rows = {r['run']: r for r in json.load(open(runs / 'results.json'))}
+    quality = rows['dtm_fer90']['quality']
+    # by hand: accepted 2+10+20+20 of 240 predicted; right 1+7+7+15 of 2+10+10+20 accepted with a known label
+    assert quality['run']['accepted']['mean'] == pytest.approx(52 / 240)
+    assert quality['run']['precision']['mean'] == pytest.approx(30 / 42)
+    assert quality['run']['accuracy']['mean'] == pytest.approx(95 / 210)
+    assert quality['last']['accepted']['mean'] == pytest.approx(40 / 120)  # steps 150 and 200 only
+    assert quality['last']['precision']['mean'] == pytest.approx(22 / 30)
+    assert quality['last']['accuracy']['mean'] == pytest.approx(58 / 90)
+    assert rows['sup10']['quality']['run']['accepted']['mean'] is None
+    assert '| dtm_fer90 | 21.67 | 71.43 | 33.33 | 73.33 | 64.44 |' in open(runs / 'results.md').read()

@@ -17,6 +17,9 @@ torch.randperm from one torch.Generator seeded once, classes in sorted order, th
 halves rounded up); the list is written to WORK/labeled10/split.txt, never to git. Validation: fer2013/val.
 Unlabeled: the 13,233 LFW faces (lfw112), or LFW plus the other 90% of fer2013/train with its labels dropped.
 Methods: supervised only, FixMatch, FlexMatch, FreeMatch, DTM; reference: supervised on 100% of the labels.
+In-domain rows (fixmatch_fer90, dtm_fer90): the other 90% of fer2013/train as the only pool. With --lfw-labels CSV
+(lines `file name,class`), every LFW row passes it as --pool-labels: the log then holds the precision of the
+pseudo-labels, never used for training.
 Every run the same: ResNet-18 at 48 px, every image grey (--grey), B=16, mu=3, 1,500 steps, lr 0.01 after 100
 warm-up steps (chosen on supervised-only validation runs), --own-bn (the LFW faces normalised by their own batch
 statistics, the running ones kept for FER2013); only --threshold and the data differ.
@@ -25,6 +28,8 @@ Everything else in WORK is symlinks into those two, nothing is copied:
     WORK/labeled10/train/<class>/  val -> ../fer2013/val      ImageFolder: the 10%
     WORK/full/train -> ../fer2013/train, val                 ImageFolder: 100% of the labels
     WORK/rest90/<class>/                        the other 90%, a folder pool for --unlabeled (labels unused)
+    WORK/fer90/train -> ../rest90               the same 90% as a labeled set's train split: the in-domain pool,
+                                                its labels read only to measure pseudo-label precision
     WORK/lfw_ids/{train,val}/<person>/          ImageFolder: LFW identities with 4+ photos, each one's last to val
 With --pretrain, prepare first prints a face-recognition pretraining run (ResNet-18 classifying the 610 LFW
 identities of lfw_ids, the FER protocol's input size and grey images) and every row starts from its weights
@@ -48,7 +53,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))  # the project's modules
 from sources import formats
 from sources.formats import IMAGE_EXTENSIONS
-from tools.plot_log import read_log
+from tools.plot_log import last_per_step, read_log
 
 PERCENT = 10  # labeled share of each class
 IDENTITY_MIN = 4  # photos a person needs in LFW to be an identity of the pretraining set (one of them held out)
@@ -61,6 +66,10 @@ SEMI = [('fixmatch', 'FixMatch', 'fixed'), ('flexmatch', 'FlexMatch', 'flexmatch
 ROWS = {'sup10': ('supervised', 'none', 'labeled10', ()),
         **{f'{key}_lfw': (name, t, 'labeled10', ('lfw112',)) for key, name, t in SEMI},
         **{f'{key}_lfw_fer90': (name, t, 'labeled10', ('lfw112', 'rest90')) for key, name, t in SEMI},
+        # in-domain: the pool is the other 90% of fer2013/train, read as a labeled set so that train.py knows how
+        # often its pseudo-labels are right (its labels are never trained on)
+        'fixmatch_fer90': ('FixMatch', 'fixed', 'labeled10', ('fer90',)),
+        'dtm_fer90': ('DTM', 'dtm', 'labeled10', ('fer90',)),
         'sup100': ('supervised, 100% labels', 'none', 'full', ())}
 
 # -----------------------------------------------------------------------------
@@ -100,6 +109,8 @@ def layout_error(flag, path, layout):
 def check_prepare(args):
     """Every mistake in prepare's arguments, before anything is written (a tar's layout is known once it is
     extracted: install checks it)."""
+    if args.lfw_labels is not None and not os.path.isfile(args.lfw_labels):
+        sys.exit(f'--lfw-labels {args.lfw_labels}: no such file (a CSV of `file name,class` lines for the LFW faces)')
     for name, (flag, _, layout) in DATASETS.items():
         path = getattr(args, flag[2:])
         if path is None:
@@ -215,6 +226,8 @@ def prepare(args):
     link(os.path.join(work, 'fer2013', 'val'), os.path.join(work, 'labeled10', 'val'))
     link(train, os.path.join(work, 'full', 'train'))
     link(os.path.join(work, 'fer2013', 'val'), os.path.join(work, 'full', 'val'))
+    os.makedirs(os.path.join(work, 'fer90'), exist_ok=True)
+    link(os.path.join(work, 'rest90'), os.path.join(work, 'fer90', 'train'))
 
     identities = os.path.join(work, 'lfw_ids')
     if not os.path.isdir(identities):  # built in a temporary folder and renamed: complete or absent
@@ -252,6 +265,8 @@ def prepare(args):
     for seed in args.train_seeds:
         for prefix, (method, threshold, labeled, pools) in ROWS.items():
             unlabeled = f' --unlabeled {" ".join(os.path.join(work, p) for p in pools)}' if pools else ''
+            if args.lfw_labels and 'lfw112' in pools:  # measured only: train.py never trains on them
+                unlabeled += f' --pool-labels {args.lfw_labels}'
             print(f'python train.py --data {os.path.join(work, labeled)}{unlabeled} --threshold {threshold} {common} '
                   f'--seed {seed} --out {os.path.join(args.runs, f"{prefix}_s{seed}")}')
 
@@ -282,10 +297,34 @@ def read_run(path):
                     (1 + 2 * config['mu'] * semi)
                 seconds += images / max(r['images_per_s'], 1e-9)
                 last = r['step']
+    steps = max(r['step'] for r in records)
+    last_from = max([e['step'] for e in evals if e['step'] < steps] + [0])  # the last evaluation interval
     return dict(log=path, config=config, seed=config['seed'], labeled=start['labeled'], unlabeled=start['unlabeled'],
-                steps=max(r['step'] for r in records), finished=records[-1]['event'] == 'end',
+                steps=steps, finished=records[-1]['event'] == 'end', quality=pseudo_label_quality(records, last_from),
                 macro_f1=best and best['macro_f1'], accuracy=best and best['accuracy'], best_step=best and best['step'],
                 seconds=seconds)
+
+
+def pseudo_label_quality(records, last_from):
+    """Over the run and over the logging intervals that end after last_from (the last evaluation interval, to the
+    nearest logging interval): the share of the unlabeled images accepted (accepted / predicted), the precision of
+    the accepted pseudo-labels (accepted and right / accepted with a known true label) and the accuracy of all
+    pseudo-labels, accepted or not (right / known: the teacher's own predictions). Counts are summed before
+    dividing, so every image weighs the same. None for a supervised run; precision and accuracy None where no true
+    label is known."""
+    train = [r for r in last_per_step(records, 'train') if 'accepted' in r]
+    if not train:
+        return None
+
+    def rates(chosen):
+        total = {k: sum(sum(r[k]) for r in chosen) for k in ('predicted', 'accepted')}
+        known = [r for r in chosen if 'accepted_correct' in r]
+        right = {k: sum(sum(r[k]) for r in known) for k in ('labeled', 'accepted_labeled', 'accepted_correct',
+                                                               'correct')}
+        return dict(accepted=total['accepted'] / total['predicted'] if total['predicted'] else None,
+                    precision=right['accepted_correct'] / right['accepted_labeled'] if right['accepted_labeled']
+                    else None, accuracy=right['correct'] / right['labeled'] if right['labeled'] else None)
+    return dict(run=rates(train), last=rates([r for r in train if r['step'] > last_from]))
 
 
 def spread(values):
@@ -299,7 +338,7 @@ def spread(values):
 def differs(key, config, reference):
     """Whether two runs' configs differ in a setting that changes the result. A flag that an older train.py did not
     have is missing from its log: it counts as equal when the other run left it off (False, None or 0)."""
-    if key in ('seed', 'out', 'resume', 'workers'):
+    if key in ('seed', 'out', 'resume', 'workers', 'in_memory', 'pool_labels'):  # none changes what is trained
         return False
     if key not in config or key not in reference:
         return bool(config.get(key, reference.get(key)))
@@ -346,6 +385,8 @@ def table(args):
                          steps=max(r['steps'] for r in runs), config_differs=sorted(differ),
                          macro_f1=spread([r['macro_f1'] for r in runs]), accuracy=spread([r['accuracy'] for r in runs]),
                          minutes=spread([r['seconds'] / 60 for r in runs]),
+                         quality={span: {k: spread([r['quality'][span][k] for r in runs if r['quality']])
+                                         for k in ('accepted', 'precision', 'accuracy')} for span in ('run', 'last')},
                          runs=[{k: v for k, v in r.items() if k != 'config'} for r in runs]))
 
     def percent(s, n):
@@ -369,6 +410,18 @@ def table(args):
     lines.append('\nBest validation (fer2013/val) macro F1 of the EMA model over the evaluations of each run, and the '
                  'accuracy of that same checkpoint; std over seeds (n-1). time/run: mean wall time of the training '
                  'loop.')
+    quality = [r for r in rows if r['quality']['run']['accepted']['mean'] is not None]
+    if quality:
+        lines += ['\n| run | accepted % (run) | precision % (run) | accepted % (last) | precision % (last) | '
+                  'teacher accuracy % (last) |', '|' + '---|' * 6]
+        for r in quality:
+            cells = [percent(r['quality'][span][k], 1) for span, k in (('run', 'accepted'), ('run', 'precision'),
+                     ('last', 'accepted'), ('last', 'precision'), ('last', 'accuracy'))]
+            lines.append(f'| {r["run"]} | ' + ' | '.join(cells) + ' |')
+        lines.append('\nPseudo-labels, mean over seeds: the share of the unlabeled images accepted, the precision of '
+                     'the accepted ones (right / accepted, over those whose true label is known) and the accuracy of '
+                     'all of them (the teacher\'s own predictions), over the run and over its last evaluation '
+                     'interval. Only where the pool\'s labels are known (never trained on).')
     markdown = '\n'.join(lines) + '\n'
     print(markdown)
     with open(os.path.join(args.runs, 'results.md'), 'w') as f:
@@ -378,10 +431,14 @@ def table(args):
     with open(os.path.join(args.runs, 'results.csv'), 'w', newline='') as f:
         writer = csv.writer(f)
         writer.writerow(['run', 'method', 'labeled', 'unlabeled', 'seeds', 'steps', *(f'{m}_{s}' for m in ('f1', 'acc')
-                         for s in ('mean', 'std', 'min', 'max')), 'minutes_per_run'])
+                         for s in ('mean', 'std', 'min', 'max')), 'minutes_per_run', 'f1_per_seed',
+                         *(f'{k}_{span}' for span in ('run', 'last') for k in ('accepted', 'precision', 'accuracy'))])
         for r in rows:
             writer.writerow([r['run'], r['method'], r['labeled'], r['unlabeled'], len(r['seeds']), r['steps'],
-                             *r['macro_f1'].values(), *r['accuracy'].values(), r['minutes']['mean']])
+                             *r['macro_f1'].values(), *r['accuracy'].values(), r['minutes']['mean'],
+                             ' '.join(f's{run["seed"]}:{run["macro_f1"]}' for run in r['runs']),
+                             *(r['quality'][span][k]['mean'] for span in ('run', 'last')
+                               for k in ('accepted', 'precision', 'accuracy'))])
     print(f'wrote {args.runs}/results.md, results.json, results.csv', file=sys.stderr)
 
 
@@ -477,6 +534,8 @@ def parse_args(argv=None):
     p.add_argument('--eval-every', type=int, default=500)
     p.add_argument('--workers', type=int)
     p.add_argument('--extra', default='', help='more train.py arguments, appended to every command')
+    p.add_argument('--lfw-labels', help='CSV of `file name,class` for the LFW faces: passed to the LFW rows as '
+                   '--pool-labels, to log the precision of their pseudo-labels (never trained on)')
     p.add_argument('--pretrain', action='store_true', help='print a face-recognition pretraining run on the LFW '
                    'identities first, and start every row from its weights')
     t = sub.add_parser('table', help='results table from RUNS/*/log.jsonl')
