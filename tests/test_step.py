@@ -3,7 +3,9 @@ The method, checked against an independent computation on real steps of train.py
   - what a step backpropagates is L = mean_b CE(f(weak(x_b)), y_b) + lambda_u/(mu B) sum_b mask_b CE(f(strong(u_b)),
     pseudo_b), with (pseudo, mask) made from softmax(teacher(weak(u))) without a graph;
   - the weight EMA follows e_k = d_k e_{k-1} + (1 - d_k) w_k, d_k = min(ema, (1 + k) / (10 + k));
-  - every --threshold policy trains end to end and resumes from a mid-run checkpoint bit for bit.
+  - every --threshold policy trains end to end and resumes from a mid-run checkpoint bit for bit;
+  - where the pool's true labels are known, the logged pseudo-label counts are those of the step's own pseudo-labels,
+    and a pool without labels trains the same.
 train.py runs as a subprocess through a hook script that records its tensors, on a tiny generated face set.
 """
 import json
@@ -63,7 +65,7 @@ def watch_threshold(self, probs, index=None):
     if recording():
         record['thresholds'].append(dict(
             step=g['step'], probs=probs.detach().clone(), probs_graph=probs.requires_grad, pseudo=pseudo.clone(),
-            mask=mask.clone(), **{{k: g[k].clone() for k in ('images', 'labels', 'weak', 'strong')}}))
+            mask=mask.clone(), **{{k: g[k].clone() for k in ('images', 'labels', 'weak', 'strong', 'index')}}))
     return pseudo, mask
 dtm.FixedThreshold.forward = watch_threshold
 
@@ -227,6 +229,73 @@ def test_unlabeled_loss_by_hand():
     assert torch.allclose(logits.grad, expected, atol=1e-6)
     assert unlabeled_loss(logits.detach(), pseudo, torch.zeros(4)).item() == 0.0
     assert unlabeled_loss(logits.detach().bfloat16(), pseudo, mask).dtype == torch.float32  # computed in float32
+
+
+# -----------------------------------------------------------------------------
+# pseudo-label quality: counted from the step's own pseudo-labels, never trained on
+
+def test_pseudo_label_quality_is_counted_by_hand(faces, tmp_path):
+    """With --pool-labels, each train record holds per class c, over its interval: pseudo-labels made (predicted),
+    accepted, made with a known true label (labeled), accepted with one (accepted_labeled), accepted and right
+    (accepted_correct), right (correct); precision = accepted_correct / accepted_labeled, recall = accepted_correct /
+    correct. Recounted here from the recorded pseudo-labels, mask and pool indices, with true labels written by this
+    test: some in another spelling, some of a class the model lacks, some files left out. Without the labels file
+    the log has none of these counts and the run is the same, step for step."""
+    from sources.faces import CLASSES
+    pool = os.path.join(faces, 'unlabeled')
+    files = sorted((os.path.relpath(os.path.join(d, f), pool) for d, _, fs in os.walk(pool) for f in fs
+                    if f.endswith(('.png', '.jpg'))), key=lambda path: path.split(os.sep))  # the pool's order
+    names, lines = [], ['image,emotion']
+    for i, path in enumerate(files):
+        k = i % (len(CLASSES) + 2)
+        if k < len(CLASSES):
+            names.append(CLASSES[k])
+            lines.append(f'{os.path.basename(path)},{CLASSES[k].upper() if i % 2 else CLASSES[k]}')
+        else:  # a class the model does not have, or no line at all: unknown
+            names.append(None)
+            lines += [f'{os.path.basename(path)},contempt'] if k == len(CLASSES) else []
+    (tmp_path / 'labels.csv').write_text('\n'.join(lines) + '\n')
+    # --dtm-momentum 0 --dtm-min 0: T(c) is the batch's mean confidence in c, so some right labels are rejected
+    flags = ('--steps', str(RECORDED), '--log-every', '1', '--mu', '8', '--dtm-min', '0', '--dtm-momentum', '0')
+
+    def run(name, *extra):
+        result = subprocess.run([sys.executable, '-c', HOOK, *tiny(faces, tmp_path / name, *flags, *extra)],
+                                cwd=tmp_path, env=dict(ENV, RECORD=str(tmp_path / f'{name}.pt')), capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        log = [json.loads(line) for line in (tmp_path / name / 'log.jsonl').read_text().splitlines()]
+        return load(tmp_path / f'{name}.pt'), log[0]['classes'], [r for r in log if r['event'] == 'train']
+    with ThreadPoolExecutor(2) as executor:
+        (record, classes, log), (_, _, plain) = executor.map(lambda a: run(*a), [
+            ('labels', '--pool-labels', str(tmp_path / 'labels.csv')), ('plain',)])
+    truth = torch.tensor([classes.index(name) if name else -1 for name in names])  # in the model's class order
+    assert [r['step'] for r in log] == list(range(1, RECORDED + 1))
+    totals = dict(accepted_correct=0, accepted_labeled=0, correct=0, unknown=0)
+    for threshold, logged in zip(record['thresholds'], log):
+        pseudo, mask, index = threshold['pseudo'], threshold['mask'].bool(), threshold['index']
+        true = truth[index]
+        known, right = true >= 0, true == pseudo
+
+        def per_class(chosen):
+            return [int((chosen & (pseudo == c)).sum()) for c in range(len(classes))]
+        expected = dict(predicted=per_class(torch.ones_like(mask)), accepted=per_class(mask), labeled=per_class(known),
+                        accepted_labeled=per_class(mask & known), accepted_correct=per_class(mask & right),
+                        correct=per_class(right))
+        for key, counts in expected.items():
+            assert logged[key] == counts, f'step {logged["step"]}: {key}'
+        totals = dict(accepted_correct=totals['accepted_correct'] + sum(expected['accepted_correct']),
+                      accepted_labeled=totals['accepted_labeled'] + sum(expected['accepted_labeled']),
+                      correct=totals['correct'] + sum(expected['correct']), unknown=totals['unknown'] + int((~known).sum()))
+    # every count is informative: precision and recall are neither 0/0 nor trivially 1, and unknown labels occur
+    assert 0 < totals['accepted_correct'] < totals['accepted_labeled'], totals
+    assert totals['accepted_correct'] < totals['correct'] and totals['unknown'] > 0, totals
+    keys = ('labeled', 'accepted_labeled', 'accepted_correct', 'correct')
+    assert not any(k in r for r in plain for k in keys), 'a pool without labels logged quality counts'
+    for a, b in zip(log, plain):
+        assert (a['loss_s'], a['loss_u'], a['predicted'], a['accepted']) == \
+            (b['loss_s'], b['loss_u'], b['predicted'], b['accepted']), 'the labels changed the run'
+    assert_identical(load(tmp_path / 'labels' / 'last.pt')['model'], load(tmp_path / 'plain' / 'last.pt')['model'],
+                     'model')
 
 
 # -----------------------------------------------------------------------------

@@ -47,6 +47,7 @@ import shutil
 import statistics
 import sys
 import tarfile
+from contextlib import nullcontext
 
 import torch
 
@@ -511,6 +512,70 @@ def probe(args):
     print(json.dumps(result))
 
 
+def teacher(args):
+    """How right a checkpoint's pseudo-labels on a labeled pool are under each batch-norm normalisation the teacher
+    could use: the running statistics (as evaluation sees a face) or the batch's own (as --own-bn trains), for the
+    live weights (train.py's teacher) and their EMA (the evaluated model). Faces in batches of mu * B, each a weak
+    view as in training; accepted = confidence at or above the checkpoint's threshold for the predicted class."""
+    for flag, path in (('checkpoint', args.checkpoint), ('--unlabeled', args.unlabeled), ('--labels', args.labels)):
+        if not os.path.exists(path):
+            sys.exit(f'teacher {flag} {path}: not found')
+    import data
+    import model
+    from dtm import DynamicThreshold, FixedThreshold
+    from sources import pools
+    checkpoint = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
+    config, classes = checkpoint['config'], checkpoint['classes']
+    source = pools.open_pool(args.unlabeled)
+    truth = pools.true_labels([source], classes, args.labels)
+    if truth is None:
+        sys.exit(f'teacher --labels {args.labels}: no face of {args.unlabeled} has a label among {classes}')
+    generator = torch.Generator().manual_seed(0)
+    known = torch.nonzero(truth >= 0).flatten()
+    chosen = known[torch.randperm(len(known), generator=generator)[:args.images]].tolist()
+    decode, augment = data.Decode(config['img_size'], config.get('grey', False)), data.Augment(config['img_size'])
+    batch = config['mu'] * config['batch_size']
+    images = torch.stack([decode(source.read(i)) for i in chosen])
+    weak = [augment.weak(images[i:i + batch], generator) for i in range(0, len(images) - batch + 1, batch)]
+    labels = truth[chosen][:len(weak) * batch]
+    if config['threshold'] == 'dtm':
+        rule = DynamicThreshold(len(classes), config['dtm_momentum'], config['dtm_min'], config['tau'],
+                                config.get('dtm_relative', False))
+        rule.load_state_dict(checkpoint['threshold'])
+        thresholds = rule.threshold()
+    else:
+        thresholds = torch.full((len(classes),), config['tau'] if config['threshold'] != 'none' else 0.95)
+    rows = []
+    for weights in ('model', 'ema_model'):
+        net = model.build_model(config['arch'], len(classes))
+        net.load_state_dict(checkpoint[weights])
+        for statistics in ('running', 'own batch'):
+            net.eval()
+            with torch.no_grad(), (model.own_batch_statistics(net) if statistics == 'own batch' else nullcontext()):
+                probs = torch.cat([net(data.normalize(w)).softmax(dim=1) for w in weak])
+            confidence, predicted = probs.max(dim=1)
+            accepted = confidence >= thresholds[predicted]
+            right = predicted == labels
+            mix = torch.bincount(predicted, minlength=len(classes)) / len(predicted)
+            top = sorted(zip(classes, mix.tolist()), key=lambda cm: -cm[1])[:3]
+            rows.append(dict(weights='live' if weights == 'model' else 'EMA', statistics=statistics,
+                             accuracy=right.float().mean().item(), accepted=accepted.float().mean().item(),
+                             precision=right[accepted].float().mean().item() if accepted.any() else None,
+                             mean_confidence=confidence.mean().item(), predicted_mix=dict(top)))
+    base = torch.bincount(labels, minlength=len(classes)) / len(labels)
+    print(f'{args.checkpoint} (step {checkpoint["step"]}, {config["threshold"]}), {len(labels)} labeled faces of '
+          f'{args.unlabeled}; their true mix: ' + ', '.join(f'{c} {v:.2f}' for c, v in zip(classes, base.tolist())))
+    print('thresholds: ' + ', '.join(f'{c} {t:.2f}' for c, t in zip(classes, thresholds.tolist())))
+    print('| weights | batch norm | accuracy | accepted | precision of accepted | mean confidence | predicted (top 3) |')
+    print('|---|---|---|---|---|---|---|')
+    for r in rows:
+        precision = '-' if r['precision'] is None else f'{100 * r["precision"]:.1f}'
+        print(f'| {r["weights"]} | {r["statistics"]} | {100 * r["accuracy"]:.1f} | {100 * r["accepted"]:.1f} | '
+              f'{precision} | {r["mean_confidence"]:.2f} | ' +
+              ', '.join(f'{c} {v:.2f}' for c, v in r['predicted_mix'].items()) + ' |')
+    print(json.dumps(dict(checkpoint=args.checkpoint, step=checkpoint['step'], faces=len(labels), rows=rows)))
+
+
 # -----------------------------------------------------------------------------
 # command line
 
@@ -546,9 +611,15 @@ def parse_args(argv=None):
     r.add_argument('--unlabeled', default='data/fer_lfw/lfw112')
     r.add_argument('--labeled', default='data/fer_lfw/fer2013/val')
     r.add_argument('--images', type=int, default=800, help='images drawn from each')
+    e = sub.add_parser('teacher', help="a checkpoint's pseudo-labels on a labeled pool, under the running and under "
+                       "the batch's own batch-norm statistics: accuracy, share accepted, precision")
+    e.add_argument('checkpoint')
+    e.add_argument('--labels', required=True, help='CSV of `file name,class` for the pool (the LFW expressions)')
+    e.add_argument('--unlabeled', default='data/fer_lfw/lfw112')
+    e.add_argument('--images', type=int, default=3000, help='labeled faces drawn from the pool')
     return parser.parse_args(argv)
 
 
 if __name__ == '__main__':
     args = parse_args()
-    {'prepare': prepare, 'table': table, 'probe': probe}[args.command](args)
+    {'prepare': prepare, 'table': table, 'probe': probe, 'teacher': teacher}[args.command](args)
