@@ -78,3 +78,18 @@ def own_batch_statistics(*models):
         for m, (training, track) in zip(batch_norms, saved):
             m.train(training)
             m.track_running_stats = track
+
+
+@contextmanager
+def running_statistics(*models):
+    """Inside, batch norm normalises by its running statistics, as at evaluation, and updates nothing. train.py
+    --own-bn makes its pseudo-labels this way: the teacher reads an unlabeled face as the evaluated model would."""
+    batch_norms = [m for model in models for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.training for m in batch_norms]
+    for m in batch_norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(batch_norms, saved):
+            m.train(training)

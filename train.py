@@ -33,7 +33,7 @@ import data
 from baselines.thresholds import FlexMatchThreshold, FreeMatchThreshold, fairness_loss
 from dtm import DynamicThreshold, FixedThreshold, unlabeled_loss
 from evaluate import evaluate, format_table
-from model import ARCHS, build_model, load_file, own_batch_statistics
+from model import ARCHS, build_model, load_file, own_batch_statistics, running_statistics
 from sources import faces, formats, pools
 
 # -----------------------------------------------------------------------------
@@ -77,9 +77,9 @@ run.add_argument('--compile', action='store_true', help='torch.compile the model
 variants = parser.add_argument_group('variants')
 variants.add_argument('--grey', action='store_true', help='every image grey: a grey labeled set (FER2013) with '
                       'colour unlabeled faces')
-variants.add_argument('--own-bn', action='store_true', help='unlabeled views are normalised by their own batch '
-                      'statistics and leave the running ones (used at evaluation) to the labeled images: for unlabeled '
-                      'faces from another domain (face-recognition photos)')
+variants.add_argument('--own-bn', action='store_true', help='strong views are trained under their own batch '
+                      'statistics, the running ones (the teacher, evaluation) are set by labeled images only: for '
+                      'unlabeled faces from another domain (face-recognition photos)')
 variants.add_argument('--teacher', default='live', choices=('live', 'ema'),
                       help='who makes the pseudo-labels: the live model (FixMatch) or its weight EMA')
 variants.add_argument('--balanced', action='store_true', help='class-balanced sampling of the labeled set')
@@ -239,7 +239,12 @@ if ddp:
 teacher = model if args.teacher == 'live' else ema_model
 ema_params = [t for t in ema_model.state_dict().values() if t.is_floating_point()]
 model_params = [t for t in raw_model.state_dict().values() if t.is_floating_point()]
-unlabeled_statistics = (lambda: own_batch_statistics(raw_model, ema_model)) if args.own_bn else nullcontext
+# --own-bn: the model learns from each domain under that domain's own batch statistics, and the teacher reads the
+# unlabeled faces through the running statistics, which only labeled images set. Under the unlabeled batch's own
+# statistics the teacher would read them through the one path that nothing labeled anchors, the path the
+# unlabeled loss trains: self-training then confirms its own errors there (experiments/fer_lfw/README.md).
+unlabeled_statistics = (lambda: own_batch_statistics(raw_model)) if args.own_bn else nullcontext
+teacher_statistics = (lambda: running_statistics(raw_model)) if args.own_bn else nullcontext
 
 
 def classify(images, strong):
@@ -337,7 +342,7 @@ while step < args.steps:
     with autocast:
         if semi:
             weak, strong = (t.contiguous(memory_format=memory_format) for t in augment.unlabeled_views(unlabeled, views))
-            with torch.no_grad(), unlabeled_statistics():  # the weak view only makes targets: no graph
+            with torch.no_grad(), teacher_statistics():  # the weak view only makes targets: no graph
                 probs = teacher(weak).float().softmax(dim=1)
             pseudo, mask = threshold(probs, index)
             logits_x, logits_u = classify(images, strong)

@@ -277,3 +277,39 @@ def test_table_reports_pseudo_label_quality_over_the_run_and_the_last_interval(t
     assert quality['last']['accuracy']['mean'] == pytest.approx(58 / 90)
     assert rows['sup10']['quality']['run']['accepted']['mean'] is None
     assert '| dtm_fer90 | 21.67 | 71.43 | 33.33 | 73.33 | 64.44 |' in open(runs / 'results.md').read()
+
+
+def test_teacher_reports_pseudo_labels_under_both_normalisations(tmp_path):
+    """run.py teacher on a hand-made checkpoint: with threshold 0 every pseudo-label is accepted, so precision equals
+    accuracy; live and EMA weights that are equal give equal rows; running statistics far from the batch's give other
+    predictions than the batch's own; faces without a label (or of a class the model lacks) are left out."""
+    import torch
+    from model import build_model
+    generator = torch.Generator().manual_seed(0)
+    lines = ['image,emotion']
+    for i in range(40):
+        person = tmp_path / 'pool' / f'P_{i % 5}'
+        person.mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=generator).numpy()
+        Image.fromarray(pixels).save(person / f'P_{i % 5}_{i:04d}.jpg')
+        lines += [f'P_{i % 5}_{i:04d}.jpg,{("angry", "Happiness", "contempt", "disgust")[i % 4]}'] if i % 5 else []
+    (tmp_path / 'labels.csv').write_text('\n'.join(lines) + '\n')
+    net = build_model('resnet18', 3)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(3.0)  # far from any batch's own mean
+    config = dict(arch='resnet18', img_size=32, grey=True, mu=2, batch_size=4, threshold='fixed', tau=0.0)
+    torch.save(dict(config=config, classes=['angry', 'disgust', 'happy'], step=7, model=net.state_dict(),
+                    ema_model=net.state_dict(), threshold={}), tmp_path / 'best.pt')
+    result = run('teacher', str(tmp_path / 'best.pt'), '--unlabeled', str(tmp_path / 'pool'), '--labels',
+                 str(tmp_path / 'labels.csv'), '--images', '100')
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report['faces'] == 24  # 32 labeled lines, 8 of them contempt; whole batches of mu * B = 8
+    rows = {(r['weights'], r['statistics']): r for r in report['rows']}
+    assert set(rows) == {(w, s) for w in ('live', 'EMA') for s in ('running', 'own batch')}
+    for (weights, statistics), row in rows.items():
+        assert row['accepted'] == 1.0 and row['precision'] == pytest.approx(row['accuracy'])
+        assert row == dict(rows[('live', statistics)], weights=weights)
+    assert rows[('live', 'running')]['predicted_mix'] != rows[('live', 'own batch')]['predicted_mix'] or \
+        rows[('live', 'running')]['mean_confidence'] != pytest.approx(rows[('live', 'own batch')]['mean_confidence'])

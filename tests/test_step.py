@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from dtm import unlabeled_loss
+from model import build_model
 from sources.faces import generate_faces
 from test_resume import assert_identical  # pytest puts the tests' folder on sys.path
 
@@ -177,6 +178,12 @@ def test_backpropagated_loss_is_the_method(recorded, variant):
             assert teacher['who'] == 'ema_model' and not teacher['training']  # the EMA in eval mode
         else:
             assert teacher['who'] == 'model' and teacher['training']
+        if variant == 'own_bn':  # the teacher reads the weak view through the running statistics, as evaluation does
+            net = build_model('resnet18', teacher['output'].shape[1])
+            net.load_state_dict(record['initial'] if step == 0 else record['weights'][step - 1])
+            with torch.no_grad():
+                assert torch.allclose(net.eval()(weak), teacher['output'], atol=1e-5)
+                assert not torch.allclose(net.train()(weak), teacher['output'], atol=1e-3)  # batch statistics differ
         assert not threshold['probs_graph'], 'the threshold received probabilities with a graph'
         assert torch.allclose(threshold['probs'], teacher['output'].double().softmax(dim=1).float(), atol=1e-6)
 
