@@ -21,8 +21,8 @@ In-domain rows (fixmatch_fer90, dtm_fer90): the other 90% of fer2013/train as th
 (lines `file name,class`), every LFW row passes it as --pool-labels: the log then holds the precision of the
 pseudo-labels, never used for training.
 Every run the same: ResNet-18 at 48 px, every image grey (--grey), B=16, mu=3, 1,500 steps, lr 0.01 after 100
-warm-up steps (chosen on supervised-only validation runs), --own-bn (the LFW faces normalised by their own batch
-statistics, the running ones kept for FER2013); only --threshold and the data differ.
+warm-up steps (chosen on supervised-only validation runs), --own-bn (the LFW faces trained under their own batch
+statistics, the running ones kept for FER2013 and read by the teacher); only --threshold and the data differ.
 Everything else in WORK is symlinks into those two, nothing is copied:
     WORK/fer2013/, WORK/lfw112/                 the two data sets, extracted (a tar) or linked (a folder)
     WORK/labeled10/train/<class>/  val -> ../fer2013/val      ImageFolder: the 10%
