@@ -518,7 +518,7 @@ def teacher(args):
     live weights (train.py's teacher) and their EMA (the evaluated model). Faces in batches of mu * B, each a weak
     view as in training; accepted = confidence at or above the checkpoint's threshold for the predicted class."""
     for flag, path in (('checkpoint', args.checkpoint), ('--unlabeled', args.unlabeled), ('--labels', args.labels)):
-        if not os.path.exists(path):
+        if path and not os.path.exists(path):
             sys.exit(f'teacher {flag} {path}: not found')
     import data
     import model
@@ -529,7 +529,7 @@ def teacher(args):
     source = pools.open_pool(args.unlabeled)
     truth = pools.true_labels([source], classes, args.labels)
     if truth is None:
-        sys.exit(f'teacher --labels {args.labels}: no face of {args.unlabeled} has a label among {classes}')
+        sys.exit(f'teacher: no face of {args.unlabeled} has a label among {classes} (--labels CSV gives them)')
     generator = torch.Generator().manual_seed(0)
     known = torch.nonzero(truth >= 0).flatten()
     chosen = known[torch.randperm(len(known), generator=generator)[:args.images]].tolist()
@@ -614,7 +614,8 @@ def parse_args(argv=None):
     e = sub.add_parser('teacher', help="a checkpoint's pseudo-labels on a labeled pool, under the running and under "
                        "the batch's own batch-norm statistics: accuracy, share accepted, precision")
     e.add_argument('checkpoint')
-    e.add_argument('--labels', required=True, help='CSV of `file name,class` for the pool (the LFW expressions)')
+    e.add_argument('--labels', help='CSV of `file name,class` for a folder pool (the LFW expressions); a labeled set '
+                   'given as --unlabeled carries its own')
     e.add_argument('--unlabeled', default='data/fer_lfw/lfw112')
     e.add_argument('--images', type=int, default=3000, help='labeled faces drawn from the pool')
     return parser.parse_args(argv)
