@@ -138,6 +138,20 @@ def test_panels_without_data_are_left_out():
     assert not pixels(image, panels['accepted'], plot_log.COLOURS[0])  # the supervised run accepts nothing
 
 
+def test_learning_curves_a_point_apart_are_told_apart():
+    """The learning-curve panel spans the tenths its values fall in, not [0, 1]: runs one macro-F1 point apart are
+    drawn well apart."""
+    logs = [[start(threshold='none'), dict(event='train', step=100, loss_s=1.0), dict(event='train', step=300,
+             loss_s=1.0), dict(event='eval', step=100, macro_f1=f1), dict(event='eval', step=300, macro_f1=f1)]
+            for f1 in (0.40, 0.41)]
+    image, panels, _ = plot_log.draw_runs(logs, ['a', 'b'])
+    panel = panels['macro_f1']
+    assert panel.y_range == pytest.approx((0.3, 0.5))
+    for colour, f1 in zip(plot_log.COLOURS, (0.40, 0.41)):
+        assert_level(image, panel, colour, f1, 100, 300)
+    assert panel.row(0.40) - panel.row(0.41) >= 10  # pixels; on [0, 1] the same panel would give 2.5
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, plot_log.__file__, *map(str, args)], capture_output=True, text=True,
                           timeout=60)

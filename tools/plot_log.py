@@ -30,18 +30,18 @@ W, LEFT, RIGHT, TOP, PANEL_H, GAP, BOTTOM = 1000, 70, 170, 40, 250, 60, 50  # ca
 
 
 class Panel:
-    """The axes in box (x0, y0, x1, y1): x in x_range, y in [0, 1]. Maps data values to pixel columns and rows."""
+    """The axes in box (x0, y0, x1, y1): x in x_range, y in y_range. Maps data values to pixel columns and rows."""
 
-    def __init__(self, box, x_range):
-        self.box, self.x_range = box, x_range
+    def __init__(self, box, x_range, y_range=(0.0, 1.0)):
+        self.box, self.x_range, self.y_range = box, x_range, y_range
 
     def col(self, x):
         (x0, _, x1, _), (lo, hi) = self.box, self.x_range
         return x0 + (x - lo) / ((hi - lo) or 1) * (x1 - x0)
 
     def row(self, y):
-        _, y0, _, y1 = self.box
-        return y1 - min(max(y, 0.0), 1.0) * (y1 - y0)
+        (_, y0, _, y1), (lo, hi) = self.box, self.y_range
+        return y1 - min(max((y - lo) / (hi - lo), 0.0), 1.0) * (y1 - y0)
 
 
 def nice_ticks(low, high, count=6):
@@ -53,11 +53,13 @@ def nice_ticks(low, high, count=6):
 
 def draw_axes(draw, font, panel, title, x_label):
     x0, y0, x1, y1 = panel.box
-    for i in range(11):  # horizontal grid every 0.1, labels every 0.2
-        y = panel.row(i / 10)
+    ticks = nice_ticks(*panel.y_range, count=10)  # on [0, 1]: a grid line every 0.1, labels every 0.2
+    for i, t in enumerate(ticks):
+        y = panel.row(t)
         draw.line([(x0, y), (x1, y)], fill='#c8c8c8' if i % 5 == 0 else '#ebebeb')
         if i % 2 == 0:
-            draw.text((x0 - 8, y), f'{i / 10:.1f}', fill='black', font=font, anchor='rm')
+            draw.text((x0 - 8, y), f'{t:.{1 if ticks[1] - ticks[0] >= 0.1 else 2}f}', fill='black', font=font,
+                      anchor='rm')
     for t in nice_ticks(*panel.x_range):
         draw.line([(panel.col(t), y1), (panel.col(t), y1 + 5)], fill='black')
         draw.text((panel.col(t), y1 + 8), f'{t:g}', fill='black', font=font, anchor='mt')
@@ -85,17 +87,18 @@ def draw_series(draw, panel, colour, width, points, end_dot=False):
 
 def figure(panels, legend):
     """Stack the panels that have data; panels: [(name, title, x_label, x_range, [(colour, width, points, end_dot)])],
-    legend: [(text, colour, width)]. Returns the image and {name: Panel}, the geometry of what was drawn."""
+    each y in [0, 1], or (..., series, y_range); legend: [(text, colour, width)]. Returns the image and {name: Panel},
+    the geometry of what was drawn."""
     def has_data(series):
         return any(x is not None and y is not None for _, _, points, _ in series for x, y in points)
-    panels = [p for p in panels if has_data(p[-1])]
+    panels = [p if len(p) == 6 else (*p, (0.0, 1.0)) for p in panels if has_data(p[4])]
     height = TOP + len(panels) * (PANEL_H + GAP) - GAP + BOTTOM
     image = Image.new('RGB', (W, height), 'white')
     draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=14)
     drawn = {}
-    for i, (name, title, x_label, x_range, series) in enumerate(panels):
+    for i, (name, title, x_label, x_range, series, y_range) in enumerate(panels):
         y0 = TOP + i * (PANEL_H + GAP)
-        panel = drawn[name] = Panel((LEFT, y0, W - RIGHT, y0 + PANEL_H), x_range)
+        panel = drawn[name] = Panel((LEFT, y0, W - RIGHT, y0 + PANEL_H), x_range, y_range)
         draw_axes(draw, font, panel, title, x_label)
         for colour, width, points, end_dot in series:
             draw_series(draw, panel, colour, width, points, end_dot)
@@ -177,8 +180,12 @@ def draw_runs(logs, labels):
 
     def lines(name, end_dot=False):
         return [(k, 2, run[name], end_dot) for k, run in zip(colours, runs)]
+    # the learning curves on the tenths their values span, so that runs a point apart can be told apart
+    f1 = [y for run in runs for _, y in run['macro_f1']] or [0.0, 1.0]
+    f1_range = (max(0.0, math.ceil(round(min(f1) * 10, 6)) / 10 - 0.1),
+                min(1.0, math.floor(round(max(f1) * 10, 6)) / 10 + 0.1))
     image, panels = figure([
-        ('macro_f1', 'validation macro F1 (learning curves)', 'step', x_range, lines('macro_f1')),
+        ('macro_f1', 'validation macro F1 (learning curves)', 'step', x_range, lines('macro_f1'), f1_range),
         ('accepted', 'share of the unlabeled batch accepted (conf >= T)', 'step', x_range, lines('accepted')),
         ('precision', 'precision of the accepted pseudo-labels: correct / accepted', 'step', x_range,
          lines('precision')),
