@@ -290,9 +290,9 @@ def test_pseudo_label_quality_is_counted_by_hand(faces, tmp_path):
                         correct=per_class(right))
         for key, counts in expected.items():
             assert logged[key] == counts, f'step {logged["step"]}: {key}'
-        totals = dict(accepted_correct=totals['accepted_correct'] + sum(expected['accepted_correct']),
-                      accepted_labeled=totals['accepted_labeled'] + sum(expected['accepted_labeled']),
-                      correct=totals['correct'] + sum(expected['correct']), unknown=totals['unknown'] + int((~known).sum()))
+        for key in ('accepted_correct', 'accepted_labeled', 'correct'):
+            totals[key] += sum(expected[key])
+        totals['unknown'] += int((~known).sum())
     # every count is informative: precision and recall are neither 0/0 nor trivially 1, and unknown labels occur
     assert 0 < totals['accepted_correct'] < totals['accepted_labeled'], totals
     assert totals['accepted_correct'] < totals['correct'] and totals['unknown'] > 0, totals

@@ -516,18 +516,25 @@ def teacher(args):
     """How right a checkpoint's pseudo-labels on a labeled pool are under each batch-norm normalisation the teacher
     could use: the running statistics (as evaluation sees a face) or the batch's own (as --own-bn trains), for the
     live weights (train.py's teacher) and their EMA (the evaluated model). Faces in batches of mu * B, each a weak
-    view as in training; accepted = confidence at or above the checkpoint's threshold for the predicted class."""
+    view as in training; accepted = confidence at or above the DTM's threshold for the predicted class (tau for
+    a checkpoint of any other policy)."""
     for flag, path in (('checkpoint', args.checkpoint), ('--unlabeled', args.unlabeled), ('--labels', args.labels)):
         if path and not os.path.exists(path):
             sys.exit(f'teacher {flag} {path}: not found')
     import data
     import model
-    from dtm import DynamicThreshold, FixedThreshold
+    from dtm import DynamicThreshold
     from sources import pools
-    checkpoint = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
-    config, classes = checkpoint['config'], checkpoint['classes']
-    source = pools.open_pool(args.unlabeled)
-    truth = pools.true_labels([source], classes, args.labels)
+    try:
+        checkpoint = model.load_file(args.checkpoint)
+        config, classes = checkpoint['config'], checkpoint['classes']
+    except (ValueError, KeyError, TypeError) as error:
+        sys.exit(f'teacher {args.checkpoint}: not a train.py checkpoint ({error})')
+    try:
+        source = pools.open_pool(args.unlabeled)
+        truth = pools.true_labels([source], classes, args.labels)
+    except (OSError, ValueError) as error:
+        sys.exit(f'teacher: {error}')
     if truth is None:
         sys.exit(f'teacher: no face of {args.unlabeled} has a label among {classes} (--labels CSV gives them)')
     generator = torch.Generator().manual_seed(0)
@@ -538,13 +545,12 @@ def teacher(args):
     images = torch.stack([decode(source.read(i)) for i in chosen])
     weak = [augment.weak(images[i:i + batch], generator) for i in range(0, len(images) - batch + 1, batch)]
     labels = truth[chosen][:len(weak) * batch]
+    thresholds = torch.full((len(classes),), config['tau'])  # FixMatch's tau for any checkpoint but the DTM's
     if config['threshold'] == 'dtm':
         rule = DynamicThreshold(len(classes), config['dtm_momentum'], config['dtm_min'], config['tau'],
                                 config.get('dtm_relative', False))
         rule.load_state_dict(checkpoint['threshold'])
         thresholds = rule.threshold()
-    else:
-        thresholds = torch.full((len(classes),), config['tau'] if config['threshold'] != 'none' else 0.95)
     rows = []
     for weights in ('model', 'ema_model'):
         net = model.build_model(config['arch'], len(classes))
