@@ -89,6 +89,41 @@ def test_prepare_builds_an_exact_repeatable_split(tars, tmp_path):
     assert mixed.returncode != 0 and mixed.stderr.startswith('--lfw ') and 'pass another --work' in mixed.stderr
 
 
+def test_prepare_percent_builds_another_split_beside_the_first(tars, tmp_path):
+    work = str(tmp_path / 'work')
+    ten = run('prepare', *tars, '--work', work, '--runs', 'runs/x')
+    assert ten.returncode == 0, ten.stderr
+    listing = open(os.path.join(work, 'labeled10', 'split.txt')).read()
+    twenty = run('prepare', *tars, '--work', work, '--runs', 'runs/y', '--percent', '20')
+    assert twenty.returncode == 0, twenty.stderr
+    labeled = {c: sorted(os.listdir(os.path.join(work, 'labeled20', 'train', c))) for c in COUNTS}
+    assert {c: len(v) for c, v in labeled.items()} == {'angry': 8, 'disgust': 1, 'happy': 5}  # 20%: 8, 1, 5
+    for c, n in COUNTS.items():  # the rest is both the folder pool and the in-domain pool's train split
+        rest = set(os.listdir(os.path.join(work, 'rest80', c)))
+        assert not rest & set(labeled[c]) and len(rest) + len(labeled[c]) == n
+        assert set(os.listdir(os.path.join(work, 'fer80', 'train', c))) == rest
+    assert open(os.path.join(work, 'labeled10', 'split.txt')).read() == listing  # the 10% split is untouched
+    assert open(os.path.join(work, 'labeled20', 'split.txt')).readline().startswith('# fer2013/train, 20% per class')
+    commands = [line for line in twenty.stdout.splitlines() if line.startswith('python train.py')]
+    outs = {c.rsplit('--out runs/y/', 1)[1] for c in commands}
+    assert {'sup20_s0', 'dtm_fer80_s1', 'fixmatch_lfw_fer80_s0', 'sup100_s1'} <= outs and len(outs) == 2 * 12
+    assert all(f'{work}/labeled10' not in c and f'{work}/rest90' not in c for c in commands)
+    assert any(f'--data {work}/labeled20 --unlabeled {work}/fer80 --threshold dtm ' in c for c in commands)
+    for wrong in ('0', '100'):
+        result = run('prepare', *tars, '--work', work, '--percent', wrong)
+        assert result.returncode != 0 and result.stderr.startswith(f'--percent {wrong}:')
+
+    runs = tmp_path / 'runs'  # the table names the rows of the share it is given
+    write_log(runs / 'sup20_s0', 'none', 0, [0.20], [0.40])
+    write_log(runs / 'dtm_fer80_s0', 'dtm', 0, [0.30], [0.45], unlabeled=['x/fer80'], own_bn=True)
+    write_log(runs / 'dtm_fer80_balanced_s0', 'dtm', 0, [0.31], [0.45], unlabeled=['x/fer80'], own_bn=True,
+              balanced=True)
+    result = run('table', '--runs', str(runs), '--percent', '20')
+    assert result.returncode == 0, result.stderr
+    rows = {r['run']: r['method'] for r in json.load(open(runs / 'results.json'))}
+    assert rows == {'sup20': 'supervised', 'dtm_fer80': 'DTM', 'dtm_fer80_balanced': 'DTM, balanced=True'}
+
+
 def test_prepare_prints_only_flags_that_train_py_accepts(tars, tmp_path):
     result = run('prepare', *tars, '--work', str(tmp_path / 'work'), '--pretrain', '--workers', '1')
     assert result.returncode == 0, result.stderr

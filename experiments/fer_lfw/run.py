@@ -5,6 +5,7 @@ The real-faces experiment: FER2013 with 10% of its training labels, LFW faces as
     python experiments/fer_lfw/run.py prepare --fer2013 PATH --lfw PATH > runs.sh   extract or link the data, build
                                                                  the split, print one train.py command per row and seed
     python experiments/fer_lfw/run.py table [--runs runs/fer_lfw]            mean and spread over seeds, from the logs
+    prepare --percent 2 ... / table --percent 2                              the same protocol with 2% of the labels
     python experiments/fer_lfw/run.py probe runs/fer_lfw/sup10_s0/best.pt    what a model makes of the LFW faces
 
 --fer2013 is a tar (gzip allowed) or a folder holding train/<class>/ and val/<class>/ (val: the PublicTest images),
@@ -15,6 +16,8 @@ A tar is extracted once into WORK, a folder is linked from WORK; WORK keeps them
 Protocol. Labeled: a class-stratified 10% of fer2013/train, fixed by --seed (per class: file names sorted, a
 torch.randperm from one torch.Generator seeded once, classes in sorted order, the first round(10% of n) taken,
 halves rounded up); the list is written to WORK/labeled10/split.txt, never to git. Validation: fer2013/val.
+--percent P takes P% instead (WORK/labeledP, WORK/restR and WORK/ferR with R = 100 - P; rows supP, dtm_ferR, ...),
+beside the other splits in the same WORK.
 Unlabeled: the 13,233 LFW faces (lfw112), or LFW plus the other 90% of fer2013/train with its labels dropped.
 Methods: supervised only, FixMatch, FlexMatch, FreeMatch, DTM; reference: supervised on 100% of the labels.
 In-domain rows (fixmatch_fer90, dtm_fer90): the other 90% of fer2013/train as the only pool. With --lfw-labels CSV
@@ -56,22 +59,27 @@ from sources import formats
 from sources.formats import IMAGE_EXTENSIONS
 from tools.plot_log import last_per_step, read_log
 
-PERCENT = 10  # labeled share of each class
+PERCENT = 10  # labeled share of each class, unless --percent says otherwise
 IDENTITY_MIN = 4  # photos a person needs in LFW to be an identity of the pretraining set (one of them held out)
 # face-recognition pretraining on lfw_ids: 64 faces a step, 1,500 steps (~16 epochs of its 6,123 images)
 PRETRAIN = '--threshold none --batch-size 64 --lr 0.05 --lr-warmup 100 --steps 1500 --eval-every 500 --save-every 500'
 SEMI = [('fixmatch', 'FixMatch', 'fixed'), ('flexmatch', 'FlexMatch', 'flexmatch'),  # run name, table name, --threshold
         ('freematch', 'FreeMatch', 'freematch'), ('dtm', 'DTM', 'dtm')]
-# the table's rows in order: run name prefix (the folder is PREFIX_s<seed>) -> (method, --threshold, labeled set,
-# unlabeled pools); all in WORK
-ROWS = {'sup10': ('supervised', 'none', 'labeled10', ()),
-        **{f'{key}_lfw': (name, t, 'labeled10', ('lfw112',)) for key, name, t in SEMI},
-        **{f'{key}_lfw_fer90': (name, t, 'labeled10', ('lfw112', 'rest90')) for key, name, t in SEMI},
-        # in-domain: the pool is the other 90% of fer2013/train, read as a labeled set so that train.py knows how
-        # often its pseudo-labels are right (its labels are never trained on)
-        'fixmatch_fer90': ('FixMatch', 'fixed', 'labeled10', ('fer90',)),
-        'dtm_fer90': ('DTM', 'dtm', 'labeled10', ('fer90',)),
-        'sup100': ('supervised, 100% labels', 'none', 'full', ())}
+
+
+def protocol_rows(percent=PERCENT):
+    """The table's rows in order: run name prefix (the folder is PREFIX_s<seed>) -> (method, --threshold, labeled
+    set, unlabeled pools), all in WORK. With P% labeled, the other R = 100 - P% of fer2013/train is restR (a folder
+    pool) and ferR (the same images as a labeled set's train split)."""
+    labeled, rest = f'labeled{percent}', 100 - percent
+    return {f'sup{percent}': ('supervised', 'none', labeled, ()),
+            **{f'{key}_lfw': (name, t, labeled, ('lfw112',)) for key, name, t in SEMI},
+            **{f'{key}_lfw_fer{rest}': (name, t, labeled, ('lfw112', f'rest{rest}')) for key, name, t in SEMI},
+            # in-domain: the pool is the rest of fer2013/train, read as a labeled set so that train.py knows how
+            # often its pseudo-labels are right (its labels are never trained on)
+            f'fixmatch_fer{rest}': ('FixMatch', 'fixed', labeled, (f'fer{rest}',)),
+            f'dtm_fer{rest}': ('DTM', 'dtm', labeled, (f'fer{rest}',)),
+            'sup100': ('supervised, 100% labels', 'none', 'full', ())}
 
 # -----------------------------------------------------------------------------
 # prepare
@@ -110,6 +118,8 @@ def layout_error(flag, path, layout):
 def check_prepare(args):
     """Every mistake in prepare's arguments, before anything is written (a tar's layout is known once it is
     extracted: install checks it)."""
+    if not 0 < args.percent < 100:
+        sys.exit(f'--percent {args.percent}: the labeled share of each class, in %, from 1 to 99')
     if args.lfw_labels is not None and not os.path.isfile(args.lfw_labels):
         sys.exit(f'--lfw-labels {args.lfw_labels}: no such file (a CSV of `file name,class` lines for the LFW faces)')
     for name, (flag, _, layout) in DATASETS.items():
@@ -204,31 +214,33 @@ def prepare(args):
     install(args.lfw, work, 'lfw112')
     train = os.path.join(work, 'fer2013', 'train')
     files = class_files(train)
-    chosen = choose(files, PERCENT, args.seed)
+    chosen = choose(files, args.percent, args.seed)
     rest = {c: sorted(set(files[c]) - set(chosen[c])) for c in files}
+    labeled_name, rest_name, in_domain_name = (f'labeled{args.percent}', f'rest{100 - args.percent}',
+                                               f'fer{100 - args.percent}')
     listing = ''.join(f'{c}/{name}\n' for c in chosen for name in chosen[c])
-    header = f'# fer2013/train, {PERCENT}% per class, seed {args.seed}, {sum(map(len, chosen.values()))} files\n'
-    split_file = os.path.join(work, 'labeled10', 'split.txt')
+    header = f'# fer2013/train, {args.percent}% per class, seed {args.seed}, {sum(map(len, chosen.values()))} files\n'
+    split_file = os.path.join(work, labeled_name, 'split.txt')
     if os.path.exists(split_file):  # never swap the split under finished runs
         with open(split_file) as f:
             if f.read() != header + listing:
                 sys.exit(f'{split_file} holds another split (first line: {open(split_file).readline().strip()}); '
-                         f'delete {work}/labeled10 and {work}/rest90, or pass another --work')
+                         f'delete {work}/{labeled_name} and {work}/{rest_name}, or pass another --work')
     else:
-        for name in ('labeled10', 'rest90'):
+        for name in (labeled_name, rest_name):
             shutil.rmtree(os.path.join(work, name), ignore_errors=True)  # a half-built tree from an interrupted run
-        os.makedirs(os.path.join(work, 'labeled10'))
-        link_tree(train, chosen, os.path.join(work, 'labeled10', 'train'))
-        link_tree(train, rest, os.path.join(work, 'rest90'))
+        os.makedirs(os.path.join(work, labeled_name))
+        link_tree(train, chosen, os.path.join(work, labeled_name, 'train'))
+        link_tree(train, rest, os.path.join(work, rest_name))
         with open(split_file + '.tmp', 'w') as f:
             f.write(header + listing)
         os.replace(split_file + '.tmp', split_file)  # written last: its presence means the trees are complete
     os.makedirs(os.path.join(work, 'full'), exist_ok=True)
-    link(os.path.join(work, 'fer2013', 'val'), os.path.join(work, 'labeled10', 'val'))
+    link(os.path.join(work, 'fer2013', 'val'), os.path.join(work, labeled_name, 'val'))
     link(train, os.path.join(work, 'full', 'train'))
     link(os.path.join(work, 'fer2013', 'val'), os.path.join(work, 'full', 'val'))
-    os.makedirs(os.path.join(work, 'fer90'), exist_ok=True)
-    link(os.path.join(work, 'rest90'), os.path.join(work, 'fer90', 'train'))
+    os.makedirs(os.path.join(work, in_domain_name), exist_ok=True)
+    link(os.path.join(work, rest_name), os.path.join(work, in_domain_name, 'train'))
 
     identities = os.path.join(work, 'lfw_ids')
     if not os.path.isdir(identities):  # built in a temporary folder and renamed: complete or absent
@@ -241,10 +253,10 @@ def prepare(args):
 
     lfw = len(image_files(os.path.join(work, 'lfw112')))
     n = {c: len(v) for c, v in chosen.items()}
-    print(f'# labeled10: {sum(n.values())} of {sum(map(len, files.values()))} train images: ' +
+    print(f'# {labeled_name}: {sum(n.values())} of {sum(map(len, files.values()))} train images: ' +
           ', '.join(f'{c} {k}/{len(files[c])}' for c, k in n.items()))
     print(f'# split sha256 {hashlib.sha256(listing.encode()).hexdigest()[:16]} ({split_file})')
-    print(f'# rest90: {sum(map(len, rest.values()))} images; lfw112: {lfw} images; val: fer2013/val')
+    print(f'# {rest_name}: {sum(map(len, rest.values()))} images; lfw112: {lfw} images; val: fer2013/val')
     # --grey: FER2013 is grey, LFW colour (a colour face is outside the domain of a model that saw only grey ones);
     # --own-bn: batch statistics mixed from both domains bias the model towards one class on LFW
     # (experiments/fer_lfw/README.md)
@@ -264,7 +276,7 @@ def prepare(args):
               f'--out {pretrained}')
         common += f' --weights {os.path.join(pretrained, "best.pt")}'
     for seed in args.train_seeds:
-        for prefix, (method, threshold, labeled, pools) in ROWS.items():
+        for prefix, (method, threshold, labeled, pools) in protocol_rows(args.percent).items():
             unlabeled = f' --unlabeled {" ".join(os.path.join(work, p) for p in pools)}' if pools else ''
             if args.lfw_labels and 'lfw112' in pools:  # measured only: train.py never trains on them
                 unlabeled += f' --pool-labels {args.lfw_labels}'
@@ -346,16 +358,16 @@ def differs(key, config, reference):
     return config[key] != reference[key]
 
 
-def method_name(group, config, groups):
+def method_name(group, config, groups, protocol):
     """The protocol's name for its rows; for another run (a variant), the name of its method and the settings in
     which it differs from the protocol's row of that method and unlabeled set (or, where that row is missing, from
     another protocol row with the same unlabeled set, the threshold aside)."""
-    if group in ROWS:
-        return ROWS[group][0]
-    name = next((method for method, t, _, _ in ROWS.values() if t == config['threshold']), config['threshold'])
+    if group in protocol:
+        return protocol[group][0]
+    name = next((method for method, t, _, _ in protocol.values() if t == config['threshold']), config['threshold'])
     pools = tuple(os.path.basename(p.rstrip('/')) for p in config.get('unlabeled') or [])
-    same_pools = [g for g, (_, _, _, p) in ROWS.items() if p == pools and g in groups]
-    base = next((g for g in same_pools if ROWS[g][1] == config['threshold']), same_pools[0] if same_pools else None)
+    same_pools = [g for g, (_, _, _, p) in protocol.items() if p == pools and g in groups]
+    base = next((g for g in same_pools if protocol[g][1] == config['threshold']), same_pools[0] if same_pools else None)
     if base is None:
         return name
     reference = groups[base][0]['config']
@@ -373,13 +385,13 @@ def table(args):
             groups.setdefault(re.sub(r'_s\d+$', '', name), []).append(run)
     if not groups:
         sys.exit(f'no {args.runs}/*/log.jsonl')
-    rows = []
-    for group in [g for g in ROWS if g in groups] + sorted(set(groups) - set(ROWS)):  # the protocol's order first
+    protocol, rows = protocol_rows(args.percent), []
+    for group in [g for g in protocol if g in groups] + sorted(set(groups) - set(protocol)):  # the protocol's first
         runs, config = groups[group], groups[group][0]['config']
         # only the seeds may differ; a key either log lacks counts too
         differ = {k for r in runs for k in {**config, **r['config']} if differs(k, r['config'], config)}
         pools = [os.path.basename(p.rstrip('/')) for p in config.get('unlabeled') or []]
-        rows.append(dict(run=group, method=method_name(group, config, groups), threshold=config['threshold'],
+        rows.append(dict(run=group, method=method_name(group, config, groups, protocol), threshold=config['threshold'],
                          labeled=runs[0]['labeled'],
                          unlabeled=f'{" + ".join(pools)} ({runs[0]["unlabeled"]})' if runs[0]['unlabeled'] else '-',
                          seeds=[r['seed'] for r in runs], finished=sum(r['finished'] for r in runs),
@@ -593,6 +605,8 @@ def parse_args(argv=None):
     p.add_argument('--fer2013', help='FER2013: a tar or a folder holding train/<class>/ and val/<class>/')
     p.add_argument('--lfw', help='LFW faces (112 px centre crops): a tar or a folder of <Person_Name>/ folders')
     p.add_argument('--work', default='data/fer_lfw', help='where to extract and build (git-ignored)')
+    p.add_argument('--percent', type=int, default=PERCENT, help='labeled share of each class of fer2013/train, in %%; '
+                   'the rest is the in-domain pool')
     p.add_argument('--seed', type=int, default=0, help='seed of the labeled split')
     p.add_argument('--runs', default='runs/fer_lfw', help='parent of the printed --out folders')
     p.add_argument('--train-seeds', type=int, nargs='+', default=[0, 1])
@@ -611,6 +625,8 @@ def parse_args(argv=None):
                    'identities first, and start every row from its weights')
     t = sub.add_parser('table', help='results table from RUNS/*/log.jsonl')
     t.add_argument('--runs', default='runs/fer_lfw')
+    t.add_argument('--percent', type=int, default=PERCENT, help="the labeled share prepare was given: the protocol's "
+                   'row names')
     r = sub.add_parser('probe', help='a checkpoint on the unlabeled faces: predicted class mix, confidence, and a '
                        'linear probe of labeled vs unlabeled faces on its features')
     r.add_argument('checkpoint')
