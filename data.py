@@ -2,8 +2,8 @@
 Data pipeline: labeled sets and unlabeled pools decoded to uint8 tensors, samplers and batch streams, and the weak
 and strong augmentation of whole batches on the training device.
 
-Where the images come from is formats.py (labeled sets as their owners ship them), pools.py (unlabeled faces:
-folders, RecordIO, labeled sets) and faces.py (the built-in procedural faces). Loader workers only read and decode
+Where the images come from is sources/: formats.py (labeled sets as their owners ship them), pools.py (unlabeled
+faces: folders, RecordIO, labeled sets) and faces.py (the built-in procedural faces). Loader workers only read and decode
 (Decode); the training step augments each batch where it trains (Augment), with parameters drawn per image from a
 seeded generator, so no worker's CPU time bounds a GPU step.
     python data.py PATH [PATH ...] [--json]    shows what a dataset holds before you train on it (format, images
@@ -90,7 +90,7 @@ GEOMETRIC = ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate')
 class Augment:
     """FixMatch's views of uint8 batches (N, 3, S, S), made on the device the batch is on:
         weak    RandomHorizontalFlip + RandomCrop(S, padding=S // 8, padding_mode='reflect')
-        strong  weak + RandAugment(num_ops=2, magnitude=10, fill 0), as torchvision's v2.RandAugment
+        strong  weak + RandAugment(num_ops=2, magnitude=10 of its 0..30, fill 0), as torchvision's v2.RandAugment
         cutout  RandomErasing(p=1, scale=(0.02, 0.15), ratio=(0.3, 3.3), value=0), on the normalised strong view
     Each image gets its own parameters (flip, offsets, operations, signs, box), all drawn on the CPU from the
     `generator` passed in, then moved to the images' device: a batch's views are a function of the generator's seed
@@ -432,8 +432,8 @@ def stack_readable(samples):
 
 
 def in_memory(dataset, workers=2, device='cpu'):
-    """Decode every image of a LabeledSet or UnlabeledPool once, through `workers` processes, into one uint8 tensor
-    (empty_images): the images of a run are then decoded once, not once an epoch. 48 px faces take 7 kB each."""
+    """Decode every image of a LabeledSet or UnlabeledPool once, through `workers` processes, into one uint8 tensor:
+    the images of a run are then decoded once, not once an epoch. A 48 px face takes 7 kB (3 channels, even grey)."""
     pool, images, labels, kept, unreadable = isinstance(dataset, UnlabeledPool), None, [], 0, 0
     for readable, bad in DataLoader(Readable(dataset), batch_size=256, num_workers=workers,
                                     collate_fn=stack_readable):

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 import data
 from sources import formats, pools
 from sources.formats import canonical_class
-from model import ARCHS, build_model
+from model import ARCHS, build_model, load_file
 
 def confusion_matrix(predictions, targets, num_classes, num_predicted=None):
     """cm[i, j] = number of samples of true class i predicted as class j; num_predicted (default num_classes)
@@ -230,9 +230,9 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise SystemExit(f'checkpoint {path}: no such file; {what}')
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # not a torch file, truncated, or holding objects weights_only refuses
-        raise SystemExit(f'checkpoint {path}: not a checkpoint of this project ({type(error).__name__}); {what}')
+        checkpoint = load_file(path)
+    except ValueError as error:  # not a torch file, damaged, or holding objects that could run code
+        raise SystemExit(f'checkpoint {error}; {what}')
     missing = [k for k in ('ema_model', 'config', 'classes', 'step') if not isinstance(checkpoint, dict) or
                k not in checkpoint] or [k for k in ('arch', 'img_size') if k not in checkpoint['config']]
     if missing or checkpoint['config']['arch'] not in ARCHS:

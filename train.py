@@ -243,6 +243,8 @@ model_params = [t for t in raw_model.state_dict().values() if t.is_floating_poin
 # unlabeled faces through the running statistics, which only labeled images set. Under the unlabeled batch's own
 # statistics the teacher would read them through the one path that nothing labeled anchors, the path the
 # unlabeled loss trains: self-training then confirms its own errors there (experiments/fer_lfw/README.md).
+# Without --own-bn every forward, the teacher's too, normalises its batch by that batch's own statistics, as FixMatch's
+# one forward over all the views does: in one domain the weak views' statistics are the labeled images' as well.
 unlabeled_statistics = (lambda: own_batch_statistics(raw_model)) if args.own_bn else nullcontext
 teacher_statistics = (lambda: running_statistics(raw_model)) if args.own_bn else nullcontext
 
@@ -318,8 +320,8 @@ log(dict(event='start', step=step, config=config, classes=classes, versions=vers
          labeled=len(train_set), val=len(val_set), unlabeled=len(pool) if semi else 0))
 if master:
     print(f'{len(train_set)} labeled, {len(val_set)} val, {len(pool) if semi else 0} unlabeled images; '
-          f'{num_classes} classes {classes}; {args.arch} at {args.img_size}px on {device} x{world}; '
-          f'threshold={args.threshold}')
+          f'{num_classes} classes {classes if num_classes <= 20 else classes[:10] + ["..."]}; '
+          f'{args.arch} at {args.img_size}px on {device} x{world}; threshold={args.threshold}')
 
 # -----------------------------------------------------------------------------
 # training loop

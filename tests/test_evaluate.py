@@ -97,7 +97,7 @@ def test_mistakes_end_in_one_line_naming_what_is_wrong(tmp_path):
         ([ckpt], '--data'),
         ([ckpt, '--data', str(tmp_path / 'nowhere')], 'nowhere'),
         ([str(tmp_path / 'none.pt'), '--data', raf], 'none.pt'),
-        ([garbage, '--data', raf], f'{garbage}: not a checkpoint of this project'),
+        ([garbage, '--data', raf], f'checkpoint {garbage}: not a file written by torch.save'),
         ([str(tmp_path / 'other.pt'), '--data', raf], 'other.pt: not a checkpoint of this project (no ema_model'),
         ([ckpt, '--predict', str(tmp_path / 'absent.jpg')], '--predict ' + str(tmp_path / 'absent.jpg')),
         ([ckpt, '--predict', str(tmp_path / 'empty')], 'empty: no image files found'),
