@@ -249,14 +249,14 @@ unlabeled_statistics = (lambda: own_batch_statistics(raw_model)) if args.own_bn 
 teacher_statistics = (lambda: running_statistics(raw_model)) if args.own_bn else nullcontext
 
 
-def classify(images, strong):
+def classify(x_weak, u_strong):
     """f(weak(x)) and f(strong(u)) with a graph: one forward of both, or with --own-bn two, so that each domain is
     normalised by its own batch statistics."""
     if not args.own_bn:
-        return model(torch.cat([images, strong])).split([len(images), len(strong)])
-    logits_x = model(images)
+        return model(torch.cat([x_weak, u_strong])).split([len(x_weak), len(u_strong)])
+    logits_x = model(x_weak)
     with unlabeled_statistics():
-        return logits_x, model(strong)
+        return logits_x, model(u_strong)
 
 
 @torch.no_grad()
@@ -334,24 +334,24 @@ skipped_total, data_wait, t_log, t_start, start_step = 0, 0.0, time.time(), time
 while step < args.steps:
     model.train()
     t0 = time.time()
-    images, labels = next(labeled_batches)
+    x, y = next(labeled_batches)  # uint8 images and their labels; u: uint8 faces and their places in the pool
     if semi:
-        unlabeled, index, skipped = next(unlabeled_batches)
+        u, index, skipped = next(unlabeled_batches)
     data_wait += time.time() - t0
     # each step's views are drawn from a generator seeded by the step (and rank): a resumed run makes the same ones
     views = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * world + rank)
-    images = augment.labeled_view(images, views).contiguous(memory_format=memory_format)
+    x_weak = augment.labeled_view(x, views).contiguous(memory_format=memory_format)
     with autocast:
         if semi:
-            weak, strong = (t.contiguous(memory_format=memory_format) for t in augment.unlabeled_views(unlabeled, views))
+            u_weak, u_strong = (t.contiguous(memory_format=memory_format) for t in augment.unlabeled_views(u, views))
             with torch.no_grad(), teacher_statistics():  # the weak view only makes targets: no graph
-                probs = teacher(weak).float().softmax(dim=1)
+                probs = teacher(u_weak).float().softmax(dim=1)
             pseudo, mask = threshold(probs, index)
-            logits_x, logits_u = classify(images, strong)
+            logits_x, logits_u = classify(x_weak, u_strong)
             loss_u = unlabeled_loss(logits_u, pseudo, mask)
         else:
-            logits_x, loss_u, mask = model(images), torch.zeros((), device=device), torch.zeros((), device=device)
-        loss_s = F.cross_entropy(logits_x.float(), labels)
+            logits_x, loss_u, mask = model(x_weak), torch.zeros((), device=device), torch.zeros((), device=device)
+        loss_s = F.cross_entropy(logits_x.float(), y)
         loss = loss_s + args.lambda_u * loss_u
         if args.threshold == 'freematch':  # the published FreeMatch adds its fairness term (baselines/thresholds.py)
             loss = loss + 0.001 * fairness_loss(logits_u, mask, threshold.p_model, threshold.label_hist)

@@ -66,7 +66,8 @@ def watch_threshold(self, probs, index=None):
     if recording():
         record['thresholds'].append(dict(
             step=g['step'], probs=probs.detach().clone(), probs_graph=probs.requires_grad, pseudo=pseudo.clone(),
-            mask=mask.clone(), **{{k: g[k].clone() for k in ('images', 'labels', 'weak', 'strong', 'index')}}))
+            mask=mask.clone(), **{{k: g[name].clone() for k, name in (('images', 'x_weak'), ('labels', 'y'),
+                                   ('weak', 'u_weak'), ('strong', 'u_strong'), ('index', 'index'))}}))
     return pseudo, mask
 dtm.FixedThreshold.forward = watch_threshold
 
