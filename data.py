@@ -3,9 +3,9 @@ Data pipeline: labeled sets and unlabeled pools decoded to uint8 tensors, sample
 and strong augmentation of whole batches on the training device.
 
 Where the images come from is sources/: formats.py (labeled sets as their owners ship them), pools.py (unlabeled
-faces: folders, RecordIO, labeled sets) and faces.py (the built-in procedural faces). Loader workers only read and decode
-(Decode); the training step augments each batch where it trains (Augment), with parameters drawn per image from a
-seeded generator, so no worker's CPU time bounds a GPU step.
+faces: folders, RecordIO, labeled sets) and faces.py (the built-in procedural faces). Loader workers only read and
+decode (Decode); the training step augments each batch where it trains (Augment), with parameters drawn per image
+from a seeded generator, so no worker's CPU time bounds a GPU step.
     python data.py PATH [PATH ...] [--json]    shows what a dataset holds before you train on it (format, images
                                                per class and split, what was skipped and why; for a pool, its size
                                                and how many files open as images)

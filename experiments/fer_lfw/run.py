@@ -67,18 +67,23 @@ SEMI = [('fixmatch', 'FixMatch', 'fixed'), ('flexmatch', 'FlexMatch', 'flexmatch
         ('freematch', 'FreeMatch', 'freematch'), ('dtm', 'DTM', 'dtm')]
 
 
+def split_names(percent):
+    """The folders in WORK of a P% split: labeledP (an ImageFolder of the P%), restR (the other R = 100 - P%, a
+    folder pool) and ferR (the same R% as a labeled set's train split)."""
+    return f'labeled{percent}', f'rest{100 - percent}', f'fer{100 - percent}'
+
+
 def protocol_rows(percent=PERCENT):
     """The table's rows in order: run name prefix (the folder is PREFIX_s<seed>) -> (method, --threshold, labeled
-    set, unlabeled pools), all in WORK. With P% labeled, the other R = 100 - P% of fer2013/train is restR (a folder
-    pool) and ferR (the same images as a labeled set's train split)."""
-    labeled, rest = f'labeled{percent}', 100 - percent
+    set, unlabeled pools), all in WORK."""
+    labeled, rest, in_domain = split_names(percent)
     return {f'sup{percent}': ('supervised', 'none', labeled, ()),
             **{f'{key}_lfw': (name, t, labeled, ('lfw112',)) for key, name, t in SEMI},
-            **{f'{key}_lfw_fer{rest}': (name, t, labeled, ('lfw112', f'rest{rest}')) for key, name, t in SEMI},
+            **{f'{key}_lfw_{in_domain}': (name, t, labeled, ('lfw112', rest)) for key, name, t in SEMI},
             # in-domain: the pool is the rest of fer2013/train, read as a labeled set so that train.py knows how
             # often its pseudo-labels are right (its labels are never trained on)
-            f'fixmatch_fer{rest}': ('FixMatch', 'fixed', labeled, (f'fer{rest}',)),
-            f'dtm_fer{rest}': ('DTM', 'dtm', labeled, (f'fer{rest}',)),
+            f'fixmatch_{in_domain}': ('FixMatch', 'fixed', labeled, (in_domain,)),
+            f'dtm_{in_domain}': ('DTM', 'dtm', labeled, (in_domain,)),
             'sup100': ('supervised, 100% labels', 'none', 'full', ())}
 
 # -----------------------------------------------------------------------------
@@ -216,8 +221,7 @@ def prepare(args):
     files = class_files(train)
     chosen = choose(files, args.percent, args.seed)
     rest = {c: sorted(set(files[c]) - set(chosen[c])) for c in files}
-    labeled_name, rest_name, in_domain_name = (f'labeled{args.percent}', f'rest{100 - args.percent}',
-                                               f'fer{100 - args.percent}')
+    labeled_name, rest_name, in_domain_name = split_names(args.percent)
     listing = ''.join(f'{c}/{name}\n' for c in chosen for name in chosen[c])
     header = f'# fer2013/train, {args.percent}% per class, seed {args.seed}, {sum(map(len, chosen.values()))} files\n'
     split_file = os.path.join(work, labeled_name, 'split.txt')
