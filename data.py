@@ -52,9 +52,12 @@ class Decode:
 
 
 def normalize(images):
-    """uint8 images (N, 3, H, W), on any device -> float32: ToDtype(float32, scale=True) then Normalize(MEAN, STD)."""
-    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (MEAN, STD))
-    return images.to(torch.float32).div_(255).sub_(mean).div_(std)
+    """uint8 images (N, 3, H, W), on any device -> float32: ToDtype(float32, scale=True) then Normalize(MEAN, STD),
+    channel by channel with Python numbers (a constant tensor would be a copy to the device)."""
+    x = images.to(torch.float32).div_(255)
+    for channel, (mean, std) in enumerate(zip(MEAN, STD)):
+        x[:, channel].sub_(mean).div_(std)
+    return x
 
 
 # -----------------------------------------------------------------------------
@@ -85,6 +88,10 @@ def randaugment_ops(img_size, magnitude=10, bins=31):
 
 
 GEOMETRIC = ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate')
+ROUND_COLUMNS = 9  # a RandAugment round's parameters per image: op, magnitude, 2x3 matrix, place in the sorted order
+# the largest batch (in uint8 values) for which a GPU takes every image through every operation, replayed as a CUDA
+# graph, rather than each operation on its own slice: the graph saves launches, the slices save work
+EVERY_IMAGE_UP_TO = 64 * 7 * 3 * 112 * 112
 
 
 class Augment:
@@ -93,89 +100,216 @@ class Augment:
         strong  weak + RandAugment(num_ops=2, magnitude=10 of its 0..30, fill 0), as torchvision's v2.RandAugment
         cutout  RandomErasing(p=1, scale=(0.02, 0.15), ratio=(0.3, 3.3), value=0), on the normalised strong view
     Each image gets its own parameters (flip, offsets, operations, signs, box), all drawn on the CPU from the
-    `generator` passed in, then moved to the images' device: a batch's views are a function of the generator's seed
-    alone, with the same parameters on the CPU and a GPU, and a run that seeds it from the step number makes the
-    same views again when resumed. The operations match torchvision's v2.functional image by image
-    (tests/test_augment.py)."""
+    `generator` passed in and moved to the images' device in one copy: a batch's views are a function of the
+    generator's seed alone, the same on the CPU and a GPU, and a run that seeds it from the step number makes the same
+    views again when resumed. The operations match torchvision's v2.functional image by image (tests/test_augment.py).
 
-    def __init__(self, img_size, *, num_ops=2, magnitude=10):
+    RandAugment runs one of two ways, with the same result. `every_image`: every image goes through every operation
+    and keeps the one it drew (torch.where), so a batch's work has one shape whatever it drew; on a GPU that work, a
+    few hundred small kernels, is captured once per batch shape as a CUDA graph and replayed as one launch
+    (CudaGraphs). Otherwise the images are sorted by the operation they drew and each operation runs on its own slice:
+    eight times less work, in a few dozen launches. Neither waits for the host: the draws, and so the slices, are
+    known on the CPU. The default takes every_image on a GPU for batches up to EVERY_IMAGE_UP_TO pixels
+    (tools/bench.py measures both)."""
+
+    def __init__(self, img_size, *, num_ops=2, magnitude=10, every_image=None, cuda_graphs=True):
         self.size, self.pad, self.num_ops = img_size, img_size // 8, num_ops
         ops = randaugment_ops(img_size, magnitude)
         self.names = list(ops)
         self.magnitudes = torch.tensor([m for m, _ in ops.values()], dtype=torch.float64)
         self.signed = torch.tensor([signed for _, signed in ops.values()])
+        geometric = [k for k, name in enumerate(self.names) if name in GEOMETRIC]
+        assert geometric == list(range(geometric[0], geometric[-1] + 1)), 'the sorted way warps them as one slice'
+        self.geometric = geometric[0], geometric[-1]
+        self.every_image = every_image  # None: chosen per batch (use_every_image)
+        graphed = CudaGraphs if cuda_graphs else lambda fn: fn
+        self.labeled_on_device, self.unlabeled_on_device = graphed(self.make_labeled), graphed(self.make_unlabeled)
 
     # the two entry points of the training step: normalised float views
 
     def labeled_view(self, images, generator):
-        return normalize(self.weak(images, generator))
+        return self.run(self.labeled_on_device, images, self.draw_weak(len(images), generator))
 
     def unlabeled_views(self, images, generator):
         """(weak, strong with Cutout), normalised: both from the same images, each with its own weak draw."""
-        weak, strong = self.weak(images, generator), self.strong(images, generator)
-        return normalize(weak), self.cutout(normalize(strong), generator)
+        n = len(images)
+        parameters = [self.draw_weak(n, generator), self.draw_weak(n, generator)]
+        rounds = [self.draw_round(n, generator) for _ in range(self.num_ops)]
+        parameters += [self.round_parameters(op, magnitude) for op, magnitude in rounds]
+        parameters.append(self.draw_cutout(n, generator))
+        parameters = torch.cat(parameters, 1)
+        if self.use_every_image(images):
+            return self.run(self.unlabeled_on_device, images, parameters)
+        counts = [torch.bincount(op, minlength=len(self.names)).tolist() for op, _ in rounds]
+        return self.run(lambda *tensors: self.make_unlabeled(*tensors, counts=counts), images, parameters)
 
-    # the views
+    def use_every_image(self, images):
+        if self.every_image is not None:
+            return self.every_image
+        return images.is_cuda and images.numel() <= EVERY_IMAGE_UP_TO
 
-    def weak(self, images, generator):
-        """A flip with probability 1/2, then a translation by up to S/8 pixels each way, reflect-padded. Both are
-        a choice of source pixel, so the view is a gather: row y of the view is row reflect(y + top - pad) of the
-        image, and column x is column reflect(x + left - pad) of the image, mirrored (S - 1 - column) if flipped."""
+    def run(self, make, images, parameters):
+        """make(images, parameters) with the CPU-drawn parameters copied to the images' device: pinned, so the copy
+        does not wait for the GPU to finish its queue."""
+        if images.is_cuda:
+            parameters = parameters.pin_memory().to(images.device, non_blocking=True)
+        return make(images, parameters)
+
+    def make_labeled(self, images, weak):
+        return normalize(self.weak_from(images, weak))
+
+    def make_unlabeled(self, images, parameters, counts=None):
+        """counts[r][k]: how many images drew operation k in round r, for the sorted way; None for every_image."""
+        weak, strong, *rounds, box = parameters.split([3, 3] + [ROUND_COLUMNS] * self.num_ops + [4], 1)
+        strong = self.weak_from(images, strong)
+        for r, round_parameters in enumerate(rounds):
+            strong = self.apply_from(strong, round_parameters, counts and counts[r])
+        return normalize(self.weak_from(images, weak)), self.cutout_from(normalize(strong), box)
+
+    # the parameters, drawn on the CPU, one row per image, float64
+
+    def draw_weak(self, n, generator):
+        """(flip, top, left): a flip with probability 1/2, a crop offset of 0 .. 2 * pad each way."""
+        flip = (torch.rand(n, generator=generator) < 0.5).double()
+        top, left = torch.randint(0, 2 * self.pad + 1, (2, n), generator=generator).double()
+        return torch.stack([flip, top, left], 1)
+
+    def draw_round(self, n, generator):
+        """One RandAugment round: every image takes one of the 14 operations uniformly at random, at the fixed
+        magnitude, negated with probability 1/2 where the operation is signed. -> (op, magnitude)."""
+        op = torch.randint(len(self.names), (n,), generator=generator)
+        negate = torch.rand(n, generator=generator) <= 0.5
+        return op, self.magnitudes[op] * torch.where(self.signed[op] & negate, -1.0, 1.0)
+
+    def round_parameters(self, op, magnitude):
+        """(op, magnitude, the 2x3 affine matrix of a geometric op, identity for the others) per image, and in the
+        last column the images in the order of the operations they drew (a stable sort)."""
+        names = [self.names[k] for k in op.tolist()]
+        matrices = affine_matrices(names, magnitude, self.size, self.size).flatten(1)
+        order = torch.sort(op, stable=True).indices
+        return torch.cat([op[:, None].double(), magnitude[:, None].double(), matrices, order[:, None].double()], 1)
+
+    def draw_cutout(self, n, generator):
+        """(top, left, h, w) of a box per view: its area a uniform 2-15% of the image, its aspect ratio h/w
+        log-uniform in [0.3, 3.3], its corner uniform where it fits. RandomErasing retries boxes that do not fit;
+        these always do (at most sqrt(0.15 * 3.3) = 0.7 of a side)."""
+        s = self.size
+        area = s * s * (0.02 + 0.13 * torch.rand(n, generator=generator, dtype=torch.float64))
+        ratio = torch.exp(math.log(0.3) + math.log(3.3 / 0.3) * torch.rand(n, generator=generator, dtype=torch.float64))
+        h, w = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
+        top = (torch.rand(n, generator=generator, dtype=torch.float64) * (s - h + 1)).floor()
+        left = (torch.rand(n, generator=generator, dtype=torch.float64) * (s - w + 1)).floor()
+        return torch.stack([top, left, h, w], 1)
+
+    # the views, from images and their parameters on one device
+
+    def weak_from(self, images, weak):
+        """The flip and the translation are a choice of source pixel, so the view is a gather: row y of the view is
+        row reflect(y + top - pad) of the image, and column x is column reflect(x + left - pad), mirrored
+        (S - 1 - column) if flipped."""
         n, s = len(images), self.size
-        flip = torch.rand(n, generator=generator) < 0.5
-        top, left = torch.randint(0, 2 * self.pad + 1, (2, n), generator=generator)
-        rows = reflect(torch.arange(s) + top[:, None] - self.pad, s)
-        cols = reflect(torch.arange(s) + left[:, None] - self.pad, s)
-        cols = torch.where(flip[:, None], s - 1 - cols, cols)
-        source = (rows[:, :, None] * s + cols[:, None, :]).view(n, 1, s * s).to(images.device)  # flat pixel index
+        flip, top, left = weak.long().unbind(1)
+        pixels = torch.arange(s, device=images.device)
+        rows = reflect(pixels + top[:, None] - self.pad, s)
+        cols = reflect(pixels + left[:, None] - self.pad, s)
+        cols = torch.where(flip[:, None] == 1, s - 1 - cols, cols)
+        source = (rows[:, :, None] * s + cols[:, None, :]).view(n, 1, s * s)  # flat pixel index
         return images.flatten(2).gather(2, source.expand(n, 3, s * s)).view(n, 3, s, s)
 
-    def strong(self, images, generator):
-        return self.randaugment(self.weak(images, generator), generator)
+    def apply_from(self, images, parameters, counts=None):
+        """Image i through operation names[op[i]] at magnitude[i]; the geometric operations are an affine warp with a
+        matrix per image. Every image through every operation (counts None), or by slices of the images sorted by
+        operation, counts[k] of them drew operation k."""
+        op, magnitude, matrices = parameters[:, 0].long(), parameters[:, 1], parameters[:, 2:8].view(-1, 2, 3)
+        m = magnitude.to(torch.float32).view(-1, 1, 1, 1)
+        if counts is None:
+            out = warp(images, matrices)  # the identity matrix for the colour operations: the image itself
+            for k, name in enumerate(self.names):
+                if name in COLOUR_OPS:
+                    out = torch.where((op == k).view(-1, 1, 1, 1), COLOUR_OPS[name](images, m), out)
+            return out
+        order = parameters[:, 8].long()
+        images, m, matrices = images[order], m[order], matrices[order]
+        out, ends = images.clone(), list(itertools.accumulate(counts))  # Identity: the image itself
+        for k, name in enumerate(self.names):
+            if name in COLOUR_OPS and counts[k]:
+                chosen = slice(ends[k] - counts[k], ends[k])
+                out[chosen] = COLOUR_OPS[name](images[chosen], m[chosen])
+        first, last = self.geometric  # next to each other in the table: one slice, one warp
+        geometric = slice(ends[first] - counts[first], ends[last])
+        if ends[last] > ends[first] - counts[first]:
+            out[geometric] = warp(images[geometric], matrices[geometric])
+        return torch.empty_like(out).index_copy_(0, order, out)  # back in the batch's order
+
+    def cutout_from(self, views, box):
+        top, left, h, w = box.long()[:, :, None].unbind(1)
+        pixels = torch.arange(self.size, device=views.device)
+        rows, cols = (top <= pixels) & (pixels < top + h), (left <= pixels) & (pixels < left + w)
+        return views.masked_fill((rows[:, :, None] & cols[:, None, :])[:, None], 0)
+
+    # single steps, with parameters drawn (or given) on the CPU: what the tests hold against torchvision
+
+    def weak(self, images, generator):
+        return self.run(self.weak_from, images, self.draw_weak(len(images), generator))
 
     def randaugment(self, images, generator):
-        """num_ops rounds; in each, every image takes one of the 14 operations uniformly at random, at the fixed
-        magnitude, negated with probability 1/2 where the operation is signed."""
-        n = len(images)
         for _ in range(self.num_ops):
-            op = torch.randint(len(self.names), (n,), generator=generator)
-            negate = torch.rand(n, generator=generator) <= 0.5
-            magnitude = self.magnitudes[op] * torch.where(self.signed[op] & negate, -1.0, 1.0)
-            images = self.apply(images, op, magnitude)
+            images = self.apply(images, *self.draw_round(len(images), generator))
         return images
 
     def apply(self, images, op, magnitude):
-        """Image i through operation names[op[i]] at magnitude[i]: the geometric ones in one affine warp with a
-        matrix per image, each colour operation on the images that drew it."""
-        out, h, w = images.clone(), images.shape[-2], images.shape[-1]
-        geometric = torch.tensor([self.names[k] in GEOMETRIC for k in op.tolist()])
-        if geometric.any():
-            chosen = geometric.nonzero()[:, 0]
-            matrices = affine_matrices([self.names[k] for k in op[chosen].tolist()], magnitude[chosen], h, w)
-            chosen = chosen.to(images.device)
-            out[chosen] = warp(images[chosen], matrices.to(images.device))
-        for k, name in enumerate(self.names):
-            chosen = (op == k).nonzero()[:, 0]
-            if name in COLOUR_OPS and len(chosen):
-                m = magnitude[chosen].to(images.device, torch.float32).view(-1, 1, 1, 1)
-                chosen = chosen.to(images.device)
-                out[chosen] = COLOUR_OPS[name](images[chosen], m)
-        return out
+        counts = None if self.use_every_image(images) else torch.bincount(op, minlength=len(self.names)).tolist()
+        return self.run(lambda *tensors: self.apply_from(*tensors, counts), images, self.round_parameters(op, magnitude))
 
     def cutout(self, views, generator):
-        """A box per view set to 0: its area a uniform 2-15% of the image, its aspect ratio h/w log-uniform in
-        [0.3, 3.3], its corner uniform where it fits. RandomErasing retries boxes that do not fit; these always do
-        (at most sqrt(0.15 * 3.3) = 0.7 of a side)."""
-        n, s = len(views), self.size
-        area = s * s * (0.02 + 0.13 * torch.rand(n, generator=generator, dtype=torch.float64))
-        ratio = torch.exp(math.log(0.3) + math.log(3.3 / 0.3) * torch.rand(n, generator=generator, dtype=torch.float64))
-        h, w = (area * ratio).sqrt().round().long(), (area / ratio).sqrt().round().long()
-        top = (torch.rand(n, generator=generator, dtype=torch.float64) * (s - h + 1)).long()
-        left = (torch.rand(n, generator=generator, dtype=torch.float64) * (s - w + 1)).long()
-        top, left, h, w = (t.to(views.device)[:, None] for t in (top, left, h, w))
-        pixels = torch.arange(s, device=views.device)
-        rows, cols = (top <= pixels) & (pixels < top + h), (left <= pixels) & (pixels < left + w)
-        return views.masked_fill((rows[:, :, None] & cols[:, None, :])[:, None], 0)
+        return self.run(self.cutout_from, views, self.draw_cutout(len(views), generator))
+
+
+class CudaGraphs:
+    """make(*tensors) replayed as a CUDA graph, one captured per shape of its CUDA inputs: its few hundred small
+    kernels then cost one launch, not a few microseconds of Python each. make must not wait for the host (no .item(),
+    no data-dependent shapes). A shape's first call runs make as it is, on a side stream (the warm-up capture asks
+    for), its second captures the graph; the outputs of a replay are the graph's own buffers, overwritten by the next
+    replay: a training step uses them before then. On the CPU, or where capture fails, make runs as it is."""
+
+    def __init__(self, make):
+        self.make, self.graphs = make, {}
+        self.__name__ = make.__name__
+
+    def __call__(self, *inputs):
+        if not inputs[0].is_cuda or self.graphs is None:
+            return self.make(*inputs)
+        key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs)
+        if key not in self.graphs:  # the first call: a warm-up, whose outputs are the call's
+            self.graphs[key] = None
+            return self.on_side_stream(inputs)
+        if self.graphs[key] is None:
+            try:
+                self.graphs[key] = self.capture(inputs)
+            except RuntimeError as error:
+                print(f'warning: {self.__name__} runs without a CUDA graph: {error}', file=sys.stderr)
+                self.graphs = None
+                return self.make(*inputs)
+        graph, static_inputs, outputs = self.graphs[key]
+        for buffer, tensor in zip(static_inputs, inputs):
+            buffer.copy_(tensor, non_blocking=True)
+        graph.replay()
+        return outputs
+
+    def on_side_stream(self, inputs):
+        side = torch.cuda.Stream(inputs[0].device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            outputs = self.make(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        return outputs
+
+    def capture(self, inputs):
+        static_inputs = [t.clone() for t in inputs]  # clone keeps the layout (channels_last stays channels_last)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.make(*static_inputs)
+        return graph, static_inputs, outputs
 
 
 def reflect(index, size):
@@ -226,7 +360,8 @@ def warp(images, matrices):
     n, c, h, w = images.shape
     x = torch.linspace((1 - w) / 2, (w - 1) / 2, w, device=images.device).view(1, 1, w)
     y = torch.linspace((1 - h) / 2, (h - 1) / 2, h, device=images.device).view(1, h, 1)
-    theta = (matrices.to(torch.float32) / torch.tensor([[w / 2], [h / 2]], device=images.device)).view(n, 2, 3, 1, 1)
+    matrices = matrices.to(torch.float32)
+    theta = torch.stack([matrices[:, 0] / (w / 2), matrices[:, 1] / (h / 2)], 1).view(n, 2, 3, 1, 1)
     grid = torch.stack([x * theta[:, k, 0] + y * theta[:, k, 1] + theta[:, k, 2] for k in range(2)], -1)
     resampled = F.grid_sample(images.to(torch.float32), grid, mode='nearest', padding_mode='zeros',
                               align_corners=False)
@@ -264,6 +399,16 @@ def posterize(images, bits):
     return images & mask.to(torch.uint8)
 
 
+def autocontrast(images):
+    """Each channel of each image stretched to 0..255, (x - min) * 255 / (max - min), as torchvision computes it; a
+    flat channel stays as it is. torch.where, not torchvision's masked assignment, so that nothing waits for the host."""
+    x = images.to(torch.float32)
+    low, high = x.amin((-2, -1), keepdim=True), x.amax((-2, -1), keepdim=True)
+    flat = high == low
+    scale = torch.where(flat, 1.0, (high - low).mul_(1.0 / 255))
+    return x.sub_(torch.where(flat, 0.0, low)).div_(scale).clamp_(0, 255).to(torch.uint8)
+
+
 COLOUR_OPS = {
     'Brightness': lambda x, m: (x * (1 + m)).clamp_(0, 255).to(torch.uint8),
     'Color': lambda x, m: blend(x, luma(x), 1 + m),
@@ -271,8 +416,8 @@ COLOUR_OPS = {
     'Sharpness': lambda x, m: sharpness(x, 1 + m),
     'Posterize': posterize,
     'Solarize': lambda x, m: torch.where(x >= 255 * m, 255 - x, x),  # invert the pixels at or above the threshold
-    # parameter-free, and torchvision's kernels already work image by image (and channel by channel) on a batch
-    'AutoContrast': lambda x, m: v2.functional.autocontrast(x),
+    'AutoContrast': lambda x, m: autocontrast(x),
+    # parameter-free, and torchvision's kernel already works image by image (and channel by channel) on a batch
     'Equalize': lambda x, m: v2.functional.equalize(x),
 }
 
@@ -468,19 +613,24 @@ def empty_images(shape, device):
 def batches(dataset, batch_size, sampler, workers=2, device='cpu'):
     """An endless stream of batches, tuples of tensors already on `device`, in the order of `sampler` (an
     InfiniteSampler). An InMemory dataset is indexed directly (on its device, or through pinned memory); any other
-    one streams through `workers` loader processes, pinned on CUDA so the copies run asynchronously."""
+    one streams through `workers` loader processes. On CUDA each batch is pinned here, in the training loop's own
+    thread, and copied asynchronously: a pinning thread of the loader's would wait for the interpreter lock that the
+    loop, busy launching kernels, holds."""
     device = torch.device(device)
     cuda = device.type == 'cuda'
+
+    def to_device(batch):
+        return tuple((t.pin_memory() if cuda else t).to(device, non_blocking=True) for t in batch)
     if isinstance(dataset, InMemory):
         indices = iter(sampler)
         while True:
             index = torch.tensor(list(itertools.islice(indices, batch_size)))
-            batch = dataset[index.to(dataset.images.device)]
-            if cuda and dataset.images.device.type == 'cpu':
-                batch = tuple(t.pin_memory() for t in batch)
-            yield tuple(t.to(device, non_blocking=True) for t in batch)
-    for batch in loader(dataset, batch_size, sampler, workers, pin_memory=cuda):
-        yield tuple(t.to(device, non_blocking=True) for t in batch)
+            if dataset.images.is_cuda:
+                yield dataset[to_device([index])[0]]
+            else:
+                yield to_device(dataset[index])
+    for batch in loader(dataset, batch_size, sampler, workers):
+        yield to_device(batch)
 
 
 # -----------------------------------------------------------------------------

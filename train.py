@@ -249,6 +249,19 @@ unlabeled_statistics = (lambda: own_batch_statistics(raw_model)) if args.own_bn 
 teacher_statistics = (lambda: running_statistics(raw_model)) if args.own_bn else nullcontext
 
 
+@torch.no_grad()
+def teacher_probabilities(u_weak):
+    """q = softmax(f(weak(u))) of the teacher. The weak view only makes targets: no autograd graph. On one GPU this
+    forward is replayed as a CUDA graph (data.CudaGraphs): its small kernels would cost more to launch than to run.
+    Autocast caches no weight casts here, as a graph's capture requires."""
+    with teacher_statistics(), torch.autocast('cuda', amp_dtype, cache_enabled=False) if cuda else nullcontext():
+        return teacher(u_weak).float().softmax(dim=1)
+
+
+if cuda and not ddp and not args.compile:  # DDP and torch.compile replay the forward their own way
+    teacher_probabilities = data.CudaGraphs(teacher_probabilities)
+
+
 def classify(x_weak, u_strong):
     """f(weak(x)) and f(strong(u)) with a graph: one forward of both, or with --own-bn two, so that each domain is
     normalised by its own batch statistics."""
@@ -341,12 +354,11 @@ while step < args.steps:
     # each step's views are drawn from a generator seeded by the step (and rank): a resumed run makes the same ones
     views = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * world + rank)
     x_weak = augment.labeled_view(x, views).contiguous(memory_format=memory_format)
+    if semi:
+        u_weak, u_strong = (t.contiguous(memory_format=memory_format) for t in augment.unlabeled_views(u, views))
+        pseudo, mask = threshold(teacher_probabilities(u_weak), index)
     with autocast:
         if semi:
-            u_weak, u_strong = (t.contiguous(memory_format=memory_format) for t in augment.unlabeled_views(u, views))
-            with torch.no_grad(), teacher_statistics():  # the weak view only makes targets: no graph
-                probs = teacher(u_weak).float().softmax(dim=1)
-            pseudo, mask = threshold(probs, index)
             logits_x, logits_u = classify(x_weak, u_strong)
             loss_u = unlabeled_loss(logits_u, pseudo, mask)
         else:

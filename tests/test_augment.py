@@ -231,6 +231,41 @@ def test_normalize_is_todtype_then_normalize():
     assert data.normalize(torch.zeros(1, 3, 2, 2, dtype=torch.uint8)).eq(-1).all()
 
 
+def test_every_image_through_every_operation_gives_the_same_views():
+    """The GPU's way (every image through all 14 operations, keeping the one it drew) and the CPU's (each image
+    through its own) are the same views, bit for bit."""
+    images = faces_like(64, 48, seed=4)
+    images[:8, :, :20] = 255  # saturated bands: solarize, equalize's last bin, autocontrast's flat channels
+    images[8:12] = 77  # flat images
+    for seed in range(3):
+        every = data.Augment(48, every_image=True).unlabeled_views(images, seeded(seed))
+        own = data.Augment(48, every_image=False).unlabeled_views(images, seeded(seed))
+        assert all(torch.equal(a, b) for a, b in zip(every, own))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='no GPU')
+def test_gpu_views_replayed_as_cuda_graphs_without_host_sync():
+    """On a GPU the views are captured as CUDA graphs: every call (warm-up, capture, replays with new parameters and
+    new images) gives the views made without graphs and those made by slices, and once captured, making them never
+    waits for the host, either way."""
+    graphed, plain = data.Augment(48, every_image=True), data.Augment(48, every_image=True, cuda_graphs=False)
+    by_slices = data.Augment(48, every_image=False)
+    for seed in range(5):
+        images = faces_like(32, 48, seed=seed).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode('error' if seed >= 2 else 'default')  # capturing synchronises, once
+        try:
+            got = graphed.labeled_view(images, seeded(seed)), *graphed.unlabeled_views(images, seeded(seed))
+            expected = plain.labeled_view(images, seeded(seed)), *plain.unlabeled_views(images, seeded(seed))
+            sliced = by_slices.labeled_view(images, seeded(seed)), *by_slices.unlabeled_views(images, seeded(seed))
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), seed
+        assert all(torch.equal(a, b) for a, b in zip(sliced, expected)), seed
+    for on_device in (graphed.labeled_on_device, graphed.unlabeled_on_device):
+        assert on_device.graphs and all(graph is not None for graph in on_device.graphs.values())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='no GPU')
 def test_gpu_views_are_the_cpu_views():
     """Parameters are drawn on the CPU: the same seed gives the same views on a GPU, within rounding."""

@@ -387,3 +387,35 @@ def test_policy_trains_and_resumes_exactly(policies, policy):
         assert not torch.equal(half['threshold'][learned], end['threshold'][learned]), f'{learned} never updated'
     if policy != 'none':
         assert sum(sum(r['accepted']) for r in records if r['event'] == 'train') > 0, 'no pseudo-label accepted'
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='no GPU')
+def test_teacher_forward_replayed_as_a_cuda_graph_is_the_forward():
+    """train.py replays the teacher's no-grad forward as a CUDA graph on one GPU: with the weights changing between
+    steps (in place, as the optimizer changes them), each call gives the probabilities of the plain forward and moves
+    the batch norm running statistics as it does."""
+    import data
+    torch.manual_seed(0)
+    graphed_model = build_model('resnet18', 7).cuda().to(memory_format=torch.channels_last)
+    plain_model = build_model('resnet18', 7).cuda().to(memory_format=torch.channels_last)
+    plain_model.load_state_dict(graphed_model.state_dict())
+
+    def forward(net):
+        @torch.no_grad()
+        def probabilities(u_weak):
+            with torch.autocast('cuda', torch.bfloat16, cache_enabled=False):
+                return net(u_weak).float().softmax(dim=1)
+        return probabilities
+    graphed = data.CudaGraphs(forward(graphed_model))
+    for step in range(4):
+        u_weak = torch.randn(24, 3, 48, 48, device='cuda').contiguous(memory_format=torch.channels_last)
+        got, expected = graphed(u_weak).clone(), forward(plain_model)(u_weak)
+        assert torch.allclose(got, expected, atol=2e-3), step
+        for net in (graphed_model, plain_model):  # an optimizer step: in place
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.mul_(0.9).add_(0.01)
+    for a, b in zip(graphed_model.buffers(), plain_model.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    assert graphed_model.bn1.num_batches_tracked.item() == 4
+    assert all(graph is not None for graph in graphed.graphs.values())

@@ -1,18 +1,21 @@
 """
 Speed of the data pipeline and of the training step, side by side in one run:
-  augmentation  the unlabeled views of a batch (weak; strong = weak + RandAugment + Cutout; normalised), made by
-                data.Augment on the whole batch on the training device, against the per-image path loader workers
-                used to take (RandAugment on PIL images, one image at a time; kept below for this comparison only)
-  step          the training step (weak view under no_grad, then one forward+backward on [labeled, strong])
-                against the common single forward+backward on [labeled, weak, strong], on ready views
-  end to end    images/s of the whole step, augmentation included, fed by data.batches from image files through
-                loader workers, from the decoded set in memory (data.in_memory), and from pre-made uint8 batches
+  augmentation  the views of a step's batches (weak; strong = weak + RandAugment + Cutout; normalised), made by
+                data.Augment on the whole batch on the training device (on a GPU replayed as CUDA graphs, and
+                without them), against the per-image path loader workers used to take (RandAugment on PIL images,
+                one image at a time; kept below for this comparison only); and against the step itself
+  step          the training step as train.py runs it (the teacher's no-grad forward of the weak view, on a GPU
+                replayed as a CUDA graph, then one forward+backward on [labeled, strong]), the same with the teacher's
+                forward run plainly, and the common single forward+backward on [labeled, weak, strong]
+  end to end    per size, images/s of the whole step, augmentation included, fed by data.batches from image files
+                through loader workers (on a GPU pinned in the loop's thread; and by the loader's own pinning
+                thread), from the decoded set in memory (data.in_memory), and from pre-made uint8 batches
   channels_last the step with the model and its inputs in channels_last memory format against contiguous
 Each comparison interleaves its variants, repeats them and takes medians, so its ratios hold on a loaded machine;
 absolute times do not.
 
     python tools/bench.py              # B=16, mu=7 at 48 and 112 px; CUDA (bf16) when there is one
-    python tools/bench.py --batch-size 64 --steps 50 --compile --json
+    python tools/bench.py --batch-size 64 --steps 50 --json
 """
 import argparse
 import json
@@ -39,7 +42,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument('--arch', default='resnet18', choices=ARCHS)
 parser.add_argument('--batch-size', type=int, default=16, help='labeled images per step')
 parser.add_argument('--mu', type=int, default=7, help='unlabeled images per labeled image')
-parser.add_argument('--sizes', type=int, nargs='+', default=[48, 112], help='image sizes; end to end uses the first')
+parser.add_argument('--sizes', type=int, nargs='+', default=[48, 112], help='image sizes; channels_last uses the first')
 parser.add_argument('--repeats', type=int, default=3, help='interleaved repeats of each comparison')
 parser.add_argument('--steps', type=int, help='timed steps per repeat (default 20 on CUDA, 2 on the CPU)')
 parser.add_argument('--images', type=int, default=200, help='image files drawn per size')
@@ -124,12 +127,12 @@ class PerImage:
 
 
 # -----------------------------------------------------------------------------
-# the two steps, set up as in train.py: bf16 autocast and channels_last on CUDA, non_blocking copies
+# the steps, set up as in train.py: bf16 autocast and channels_last on CUDA, non_blocking copies
 
 
 def make_step(channels_last=cuda):
-    """train.py's step on ready views (x, y, weak, strong, index), or with concatenated=True the common one, for a
-    model of its own in the given memory format."""
+    """train.py's step on ready views (x, y, weak, strong, index) for a model of its own in the given memory format;
+    form='plain teacher' runs the teacher's forward without a CUDA graph, form='concatenated' is the common step."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(args.arch, len(faces.CLASSES)).to(device, memory_format=memory_format).train()
     params = [t for t in model.state_dict().values() if t.is_floating_point()]
@@ -141,17 +144,23 @@ def make_step(channels_last=cuda):
     threshold = DynamicThreshold(len(faces.CLASSES)).to(device)
     net = torch.compile(model) if args.compile else model
 
-    def step(x, y, weak, strong, index, concatenated=False):
+    @torch.no_grad()
+    def teacher_probabilities(weak):  # as train.py's
+        with torch.autocast('cuda', amp_dtype, cache_enabled=False) if cuda else nullcontext():
+            return net(weak).float().softmax(dim=1)
+    graphed_teacher = data.CudaGraphs(teacher_probabilities) if cuda and not args.compile else teacher_probabilities
+
+    def step(x, y, weak, strong, index, form='ours'):
         x, weak, strong = (t.contiguous(memory_format=memory_format) for t in (x, weak, strong))
-        with autocast:
-            if concatenated:  # the common step: the weak view joins the graph, and the batch norm statistics
+        if form == 'concatenated':  # the common step: the weak view joins the graph, and the batch norm statistics
+            with autocast:
                 logits_x, logits_w, logits_u = net(torch.cat([x, weak, strong])).split([len(x), len(weak), len(weak)])
-                pseudo, mask = threshold(logits_w.detach().float().softmax(dim=1), index)
-            else:  # train.py's: the weak view only makes targets, so no graph and no activations kept for it
-                with torch.no_grad():
-                    probs = net(weak).float().softmax(dim=1)
-                pseudo, mask = threshold(probs, index)
+            pseudo, mask = threshold(logits_w.detach().float().softmax(dim=1), index)
+        else:  # train.py's: the weak view only makes targets, so no graph and no activations kept for it
+            pseudo, mask = threshold((graphed_teacher if form == 'ours' else teacher_probabilities)(weak), index)
+            with autocast:
                 logits_x, logits_u = net(torch.cat([x, strong])).split([len(x), len(strong)])
+        with autocast:
             loss_u = (F.cross_entropy(logits_u.float(), pseudo, reduction='none') * mask).mean()
             loss = F.cross_entropy(logits_x.float(), y) + loss_u
         optimizer.zero_grad(set_to_none=True)
@@ -162,14 +171,15 @@ def make_step(channels_last=cuda):
     return step
 
 
+def views(augment, generator, labeled, unlabeled):
+    """A step's views from uint8 batches on the device: (x, y, weak, strong, index)."""
+    (images, labels), (pool_images, index, _) = labeled, unlabeled
+    return augment.labeled_view(images, generator), labels, *augment.unlabeled_views(pool_images, generator), index
+
+
 def augmented_step(step, augment, generator):
     """The whole training step on uint8 batches on the device: the views, then the step."""
-    def run(labeled, unlabeled):
-        (images, labels), (pool_images, index, _) = labeled, unlabeled
-        x = augment.labeled_view(images, generator)
-        weak, strong = augment.unlabeled_views(pool_images, generator)
-        step(x, labels, weak, strong, index)
-    return run
+    return lambda labeled, unlabeled: step(*views(augment, generator, labeled, unlabeled))
 
 
 def first_batches(size):
@@ -179,66 +189,91 @@ def first_batches(size):
             next(data.batches(pool, U, data.InfiniteSampler(len(pool), 1), 0, device)))
 
 
+def pin_thread_batches(dataset, batch_size, sampler):
+    """data.batches as it would be with the loader's own pinning thread (DataLoader(pin_memory=True))."""
+    for batch in data.loader(dataset, batch_size, sampler, args.workers, pin_memory=cuda):
+        yield tuple(t.to(device, non_blocking=True) for t in batch)
+
+
 # -----------------------------------------------------------------------------
-# per size: the augmentation, batched on the device against per image; the two steps on ready views
+# per size: the augmentation, batched on the device against per image and against the step; the steps on ready views
 results = dict(config=dict(device=torch.cuda.get_device_name() if cuda else f'cpu, {os.cpu_count()} cores',
                            threads=torch.get_num_threads(), load=round(os.getloadavg()[0], 1), torch=torch.__version__,
-                           arch=args.arch, batch_size=B, mu=args.mu, compile=args.compile), sizes={})
+                           arch=args.arch, batch_size=B, mu=args.mu, workers=args.workers, compile=args.compile),
+               sizes={}, end_to_end={})
 step = make_step()
 for size in args.sizes:
-    augment, per_image, generator = data.Augment(size), PerImage(size), torch.Generator().manual_seed(0)
-    (images, labels), (pool_images, index, _) = first_batches(size)
-    on_cpu = pool_images.cpu()
-    augment.unlabeled_views(pool_images, generator)  # warm-up
-    batched_s, per_image_s, _ = compare(lambda: augment.unlabeled_views(pool_images, generator),
-                                        lambda: [per_image(image) for image in on_cpu])
+    augment, per_image = data.Augment(size), PerImage(size)  # augment: the way data.Augment chooses for the batch
+    ways = dict(every_image=data.Augment(size, every_image=True),  # on a GPU, replayed as CUDA graphs
+                every_image_no_graphs=data.Augment(size, every_image=True, cuda_graphs=False),
+                sorted=data.Augment(size, every_image=False))
+    generator = torch.Generator().manual_seed(0)
+    labeled, unlabeled = first_batches(size)
+    on_cpu = unlabeled[0].cpu()
+    for way in (augment, *ways.values()):  # on a GPU the first call of a shape warms up, the second captures its graph
+        views(way, generator, labeled, unlabeled), views(way, generator, labeled, unlabeled)
+    batched_s, *way_s = compare(lambda: augment.unlabeled_views(unlabeled[0], generator),
+                                *[lambda way=way: way.unlabeled_views(unlabeled[0], generator) for way in ways.values()],
+                                lambda: [per_image(image) for image in on_cpu])[:len(ways) + 2]
+    per_image_s = way_s.pop()
     decode = data.Decode(size)
     decode_s = statistics.median(timed(lambda: [decode(formats.open_image(path)) for path in files[size]])
                                  for _ in range(args.repeats)) / len(files[size])
 
-    x = augment.labeled_view(images, generator)
-    weak, strong = augment.unlabeled_views(pool_images, generator)
-    timed(lambda: (step(x, labels, weak, strong, index), step(x, labels, weak, strong, index, True)), 2)  # warm-up
-    ours, concat, ratio = compare(lambda: step(x, labels, weak, strong, index),
-                                  lambda: step(x, labels, weak, strong, index, True), n=steps)
-    results['sizes'][size] = dict(aug_batched_us=1e6 * batched_s / U, aug_per_image_us=1e6 * per_image_s / U,
-                                  aug_speedup=per_image_s / batched_s, decode_us=1e6 * decode_s,
-                                  step_ours_s=ours, step_concatenated_s=concat, step_ratio=ratio)
+    ready = views(augment, generator, labeled, unlabeled)
+    ready = tuple(t.clone() for t in ready)  # the graphs' buffers are overwritten by their next replay
+    for form in ('ours', 'ours', 'plain teacher', 'concatenated'):  # warm-up (and the teacher's graph)
+        timed(lambda: step(*ready, form=form), 2)
+    ours, concat, plain_teacher, aug_s, ratio, _, step_over_aug = compare(
+        lambda: step(*ready), lambda: step(*ready, form='concatenated'), lambda: step(*ready, form='plain teacher'),
+        lambda: views(augment, generator, labeled, unlabeled), n=steps)
+    results['sizes'][size] = dict(
+        aug_batched_us=1e6 * batched_s / U, aug_every_image=augment.use_every_image(unlabeled[0]),
+        **{f'aug_{name}_us': 1e6 * s / U for name, s in zip(ways, way_s)},
+        aug_per_image_us=1e6 * per_image_s / U, aug_speedup=per_image_s / batched_s, decode_us=1e6 * decode_s, aug_of_step_s=aug_s, aug_fraction=1 / step_over_aug,
+        step_ours_s=ours, step_plain_teacher_s=plain_teacher, step_concatenated_s=concat, step_ratio=ratio)
 
 # -----------------------------------------------------------------------------
-# end to end at the first size; on the CPU the loader workers and the step share the cores
-size = args.sizes[0]
-labeled, pool = datasets(size)
-labeled_kept, pool_kept = data.in_memory(labeled, args.workers, device), data.in_memory(pool, args.workers, device)
-run = augmented_step(step, data.Augment(size), torch.Generator().manual_seed(0))
-premade = first_batches(size)
-loader_s, memory_s, premade_s = [], [], []
-for _ in range(args.repeats):
-    streams = [data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), args.workers, device),
-               data.batches(pool, U, data.InfiniteSampler(len(pool), 1), args.workers, device)]
-    timed(lambda: run(*map(next, streams)), 2)  # the workers start and fill their prefetch queues
-    loader_s.append(timed(lambda: run(*map(next, streams)), 3 * steps))
-    for stream in streams:
-        stream.close()  # the workers exit: they must not take CPU from the other two
-    kept = [data.batches(labeled_kept, B, data.InfiniteSampler(len(labeled_kept), 0), 0, device),
-            data.batches(pool_kept, U, data.InfiniteSampler(len(pool_kept), 1), 0, device)]
-    memory_s.append(timed(lambda: run(*map(next, kept)), 3 * steps))
-    premade_s.append(timed(lambda: run(*premade), 3 * steps))
-images = B + 2 * U  # through the network per step
-results['end_to_end'] = dict(size=size, workers=args.workers, loader_img_s=images / statistics.median(loader_s),
-                             memory_img_s=images / statistics.median(memory_s),
-                             premade_img_s=images / statistics.median(premade_s),
-                             ratio=statistics.median(p / ls for ls, p in zip(loader_s, premade_s)),
-                             memory_ratio=statistics.median(p / m for m, p in zip(memory_s, premade_s)))
+# end to end, per size; on the CPU the loader workers and the step share the cores
+for size in args.sizes:
+    labeled, pool = datasets(size)
+    labeled_kept, pool_kept = data.in_memory(labeled, args.workers, device), data.in_memory(pool, args.workers, device)
+    run = augmented_step(step, data.Augment(size), torch.Generator().manual_seed(0))
+    premade = first_batches(size)
+    streams = dict(loader=lambda: [data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), args.workers, device),
+                                   data.batches(pool, U, data.InfiniteSampler(len(pool), 1), args.workers, device)],
+                   pin_thread=lambda: [pin_thread_batches(labeled, B, data.InfiniteSampler(len(labeled), 0)),
+                                       pin_thread_batches(pool, U, data.InfiniteSampler(len(pool), 1))],
+                   memory=lambda: [data.batches(labeled_kept, B, data.InfiniteSampler(len(labeled_kept), 0), 0, device),
+                                   data.batches(pool_kept, U, data.InfiniteSampler(len(pool_kept), 1), 0, device)])
+    if not cuda:
+        del streams['pin_thread']  # no pinning on the CPU: the same as 'loader'
+    seconds = {name: [] for name in [*streams, 'premade']}
+    for _ in range(args.repeats):
+        for name, make in streams.items():
+            batches = make()
+            timed(lambda: run(*map(next, batches)), 2)  # the workers start and fill their prefetch queues
+            seconds[name].append(timed(lambda: run(*map(next, batches)), 3 * steps))
+            for stream in batches:
+                stream.close()  # the workers exit: they must not take CPU from the others
+        seconds['premade'].append(timed(lambda: run(*premade), 3 * steps))
+    images = B + 2 * U  # through the network per step
+    figures = dict(workers=args.workers)
+    for name in streams:
+        figures[f'{name}_img_s'] = images / statistics.median(seconds[name])
+        figures[f'{name}_ratio'] = statistics.median(p / s for s, p in zip(seconds[name], seconds['premade']))
+    figures['premade_img_s'] = images / statistics.median(seconds['premade'])
+    figures['end_to_end_ratio'] = figures.pop('loader_ratio')
+    results['end_to_end'][size] = figures
 
 # -----------------------------------------------------------------------------
 # channels_last against contiguous: the step at the first size, each format with a model of its own
+size = args.sizes[0]
 contiguous_step, channels_last_step = make_step(channels_last=False), make_step(channels_last=True)
 augment, generator = data.Augment(size), torch.Generator().manual_seed(0)
-(images, labels), (pool_images, index, _) = premade
-views = augment.labeled_view(images, generator), labels, *augment.unlabeled_views(pool_images, generator), index
-timed(lambda: (contiguous_step(*views), channels_last_step(*views)), 2)  # warm-up
-contiguous_s, channels_last_s, cl_ratio = compare(lambda: contiguous_step(*views), lambda: channels_last_step(*views),
+ready = tuple(t.clone() for t in views(augment, generator, *first_batches(size)))
+timed(lambda: (contiguous_step(*ready), channels_last_step(*ready)), 3)  # warm-up (and the teacher's graphs)
+contiguous_s, channels_last_s, cl_ratio = compare(lambda: contiguous_step(*ready), lambda: channels_last_step(*ready),
                                                   n=steps)
 results['channels_last'] = dict(size=size, threads=torch.get_num_threads(), contiguous_s=contiguous_s,
                                 channels_last_s=channels_last_s, ratio=cl_ratio)
@@ -248,14 +283,16 @@ if args.json:
     print(json.dumps(results, indent=1))
 else:
     print(', '.join(f'{k} {v}' for k, v in results['config'].items()))
-    print(f'{"":24}' + ''.join(f'{f"{s} px":>10}' for s in args.sizes))
+    print(f'{"":30}' + ''.join(f'{f"{s} px":>10}' for s in args.sizes))
     for key in results['sizes'][size]:
         values = [r[key] for r in results['sizes'].values()]
-        print(f'{key:24}' + ''.join(f'{v:10.{2 if abs(v) < 10 else 0}f}' for v in values))
-    r = results['end_to_end']
-    print(f'end to end at {size} px, images/s through the network: {r["loader_img_s"]:.0f} fed by {args.workers} '
-          f'workers per loader, {r["memory_img_s"]:.0f} from memory, {r["premade_img_s"]:.0f} from pre-made batches '
-          f'(loader/pre-made {r["ratio"]:.2f}, memory/pre-made {r["memory_ratio"]:.2f})')
+        print(f'{key:30}' + ''.join(f'{v:10.{2 if abs(v) < 10 else 0}f}' for v in values))
+    for size, r in results['end_to_end'].items():
+        print(f'end to end at {size} px, images/s through the network: {r["loader_img_s"]:.0f} fed by '
+              f'{args.workers} workers per loader' +
+              (f' ({r["pin_thread_img_s"]:.0f} pinned by the loader\'s thread)' if 'pin_thread_img_s' in r else '') +
+              f', {r["memory_img_s"]:.0f} from memory, {r["premade_img_s"]:.0f} from pre-made batches '
+              f'(loader/pre-made {r["end_to_end_ratio"]:.2f}, memory/pre-made {r["memory_ratio"]:.2f})')
     r = results['channels_last']
     print(f'channels_last at {size} px, {r["threads"]} threads: {r["channels_last_s"]:.3f} s/step against '
           f'{r["contiguous_s"]:.3f} contiguous (contiguous/channels_last {r["ratio"]:.2f})')
