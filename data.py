@@ -88,10 +88,7 @@ def randaugment_ops(img_size, magnitude=10, bins=31):
 
 
 GEOMETRIC = ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate')
-ROUND_COLUMNS = 9  # a RandAugment round's parameters per image: op, magnitude, 2x3 matrix, place in the sorted order
-# the largest batch (in uint8 values) for which a GPU takes every image through every operation, replayed as a CUDA
-# graph, rather than each operation on its own slice: the graph saves launches, the slices save work
-EVERY_IMAGE_UP_TO = 64 * 7 * 3 * 112 * 112
+ROUND_COLUMNS = 3  # a RandAugment round's parameters per image: op, magnitude, place in the sorted order
 
 
 class Augment:
@@ -108,9 +105,9 @@ class Augment:
     and keeps the one it drew (torch.where), so a batch's work has one shape whatever it drew; on a GPU that work, a
     few hundred small kernels, is captured once per batch shape as a CUDA graph and replayed as one launch
     (CudaGraphs). Otherwise the images are sorted by the operation they drew and each operation runs on its own slice:
-    eight times less work, in a few dozen launches. Neither waits for the host: the draws, and so the slices, are
-    known on the CPU. The default takes every_image on a GPU for batches up to EVERY_IMAGE_UP_TO pixels
-    (tools/bench.py measures both)."""
+    eight times less work, in a few hundred launches. Neither waits for the host: the draws, and so the slices, are
+    known on the CPU. The default is every_image on a GPU, where launches cost more than the work, and the slices on
+    the CPU, where the work is what costs (tools/bench.py measures both)."""
 
     def __init__(self, img_size, *, num_ops=2, magnitude=10, every_image=None, cuda_graphs=True):
         self.size, self.pad, self.num_ops = img_size, img_size // 8, num_ops
@@ -146,7 +143,7 @@ class Augment:
     def use_every_image(self, images):
         if self.every_image is not None:
             return self.every_image
-        return images.is_cuda and images.numel() <= EVERY_IMAGE_UP_TO
+        return images.is_cuda
 
     def run(self, make, images, parameters):
         """make(images, parameters) with the CPU-drawn parameters copied to the images' device: pinned, so the copy
@@ -182,12 +179,8 @@ class Augment:
         return op, self.magnitudes[op] * torch.where(self.signed[op] & negate, -1.0, 1.0)
 
     def round_parameters(self, op, magnitude):
-        """(op, magnitude, the 2x3 affine matrix of a geometric op, identity for the others) per image, and in the
-        last column the images in the order of the operations they drew (a stable sort)."""
-        names = [self.names[k] for k in op.tolist()]
-        matrices = affine_matrices(names, magnitude, self.size, self.size).flatten(1)
-        order = torch.sort(op, stable=True).indices
-        return torch.cat([op[:, None].double(), magnitude[:, None].double(), matrices, order[:, None].double()], 1)
+        """(op, magnitude, place) per image: place lists the images in the order of the operations they drew."""
+        return torch.stack([op.double(), magnitude.double(), torch.sort(op, stable=True).indices.double()], 1)
 
     def draw_cutout(self, n, generator):
         """(top, left, h, w) of a box per view: its area a uniform 2-15% of the image, its aspect ratio h/w
@@ -220,7 +213,8 @@ class Augment:
         """Image i through operation names[op[i]] at magnitude[i]; the geometric operations are an affine warp with a
         matrix per image. Every image through every operation (counts None), or by slices of the images sorted by
         operation, counts[k] of them drew operation k."""
-        op, magnitude, matrices = parameters[:, 0].long(), parameters[:, 1], parameters[:, 2:8].view(-1, 2, 3)
+        op, magnitude, order = parameters[:, 0].long(), parameters[:, 1], parameters[:, 2].long()
+        matrices = affine_matrices(op, magnitude, self.names, self.size, self.size)
         m = magnitude.to(torch.float32).view(-1, 1, 1, 1)
         if counts is None:
             out = warp(images, matrices)  # the identity matrix for the colour operations: the image itself
@@ -228,7 +222,6 @@ class Augment:
                 if name in COLOUR_OPS:
                     out = torch.where((op == k).view(-1, 1, 1, 1), COLOUR_OPS[name](images, m), out)
             return out
-        order = parameters[:, 8].long()
         images, m, matrices = images[order], m[order], matrices[order]
         out, ends = images.clone(), list(itertools.accumulate(counts))  # Identity: the image itself
         for k, name in enumerate(self.names):
@@ -321,21 +314,22 @@ def reflect(index, size):
 # RandAugment's geometric operations: one affine warp
 
 
-def affine_matrices(names, magnitude, h, w):
-    """The matrix torchvision's v2.functional uses for each image's operation names[i] at magnitude[i], called as
+def affine_matrices(op, magnitude, names, h, w):
+    """The matrix torchvision's v2.functional uses for each image's operation names[op[i]] at magnitude[i], called as
     RandAugment calls it: affine(shear=degrees(atan(m)), center=[0, 0]) for ShearX/Y (m pixels across per pixel
-    down, about the top-left corner), affine(translate=int(m)) for TranslateX/Y, rotate(m) for Rotate."""
+    down, about the top-left corner), affine(translate=int(m)) for TranslateX/Y, rotate(m) for Rotate; the identity
+    for the other operations. Tensor operations only, on the device of op: a CUDA graph can hold them."""
     def only(*ops):  # which images drew one of ops
-        return torch.tensor([name in ops for name in names])
+        return sum(op == names.index(name) for name in ops).bool()
     zero = torch.zeros_like(magnitude)
     shear, offset = torch.rad2deg(torch.atan(magnitude)), magnitude.trunc()
-    corner = torch.tensor([-w / 2, -h / 2], dtype=torch.float64)  # the top-left corner, from the image centre
+    shearing = only('ShearX', 'ShearY')  # about the top-left corner, (-w/2, -h/2) from the image centre
     return inverse_affine(
         angle=torch.where(only('Rotate'), -magnitude, zero),  # rotate() turns counter-clockwise, affine() clockwise
         translate=torch.stack([torch.where(only('TranslateX'), offset, zero),
                                torch.where(only('TranslateY'), offset, zero)], 1),
         shear=torch.stack([torch.where(only('ShearX'), shear, zero), torch.where(only('ShearY'), shear, zero)], 1),
-        center=torch.where(only('ShearX', 'ShearY')[:, None], corner, 0.0))
+        center=torch.stack([torch.where(shearing, -w / 2, zero), torch.where(shearing, -h / 2, zero)], 1))
 
 
 def inverse_affine(angle, translate, shear, center):
@@ -386,9 +380,10 @@ def luma(images):
 def sharpness(images, factor):
     """Blend with the image smoothed by PIL's SMOOTH kernel (1 around a centre of 5, over 13); the one-pixel border
     stays as it is. The sums are of integers, so any order of summing gives torchvision's rounded result."""
-    out, (h, w) = images.to(torch.float32), images.shape[-2:]
+    out = images.to(torch.float32)
     inner = out[..., 1:-1, 1:-1]
-    smooth = (sum(out[..., i:i + h - 2, j:j + w - 2] for i in range(3) for j in range(3)) + 4 * inner).div_(13)
+    rows = out[..., :-2, :] + out[..., 1:-1, :] + out[..., 2:, :]  # the 3x3 box sums, a row then a column at a time
+    smooth = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]).add_(inner, alpha=4).div_(13)
     inner.addcmul_(smooth.round_() - inner, 1 - factor)  # blend(inner, smooth, factor), in place
     return out.clamp_(0, 255).to(torch.uint8)
 
@@ -613,24 +608,21 @@ def empty_images(shape, device):
 def batches(dataset, batch_size, sampler, workers=2, device='cpu'):
     """An endless stream of batches, tuples of tensors already on `device`, in the order of `sampler` (an
     InfiniteSampler). An InMemory dataset is indexed directly (on its device, or through pinned memory); any other
-    one streams through `workers` loader processes. On CUDA each batch is pinned here, in the training loop's own
-    thread, and copied asynchronously: a pinning thread of the loader's would wait for the interpreter lock that the
-    loop, busy launching kernels, holds."""
+    one streams through `workers` loader processes, pinned on CUDA so the copies run asynchronously."""
     device = torch.device(device)
     cuda = device.type == 'cuda'
-
-    def to_device(batch):
-        return tuple((t.pin_memory() if cuda else t).to(device, non_blocking=True) for t in batch)
     if isinstance(dataset, InMemory):
         indices = iter(sampler)
         while True:
             index = torch.tensor(list(itertools.islice(indices, batch_size)))
-            if dataset.images.is_cuda:
-                yield dataset[to_device([index])[0]]
-            else:
-                yield to_device(dataset[index])
-    for batch in loader(dataset, batch_size, sampler, workers):
-        yield to_device(batch)
+            if cuda:  # pinned: a copy from pageable memory would wait for the GPU to finish its queue
+                index = index.pin_memory().to(dataset.images.device, non_blocking=True)
+            batch = dataset[index]
+            if cuda and dataset.images.device.type == 'cpu':
+                batch = tuple(t.pin_memory() for t in batch)
+            yield tuple(t.to(device, non_blocking=True) for t in batch)
+    for batch in loader(dataset, batch_size, sampler, workers, pin_memory=cuda):
+        yield tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 # -----------------------------------------------------------------------------

@@ -8,8 +8,8 @@ Speed of the data pipeline and of the training step, side by side in one run:
                 replayed as a CUDA graph, then one forward+backward on [labeled, strong]), the same with the teacher's
                 forward run plainly, and the common single forward+backward on [labeled, weak, strong]
   end to end    per size, images/s of the whole step, augmentation included, fed by data.batches from image files
-                through loader workers (on a GPU pinned in the loop's thread; and by the loader's own pinning
-                thread), from the decoded set in memory (data.in_memory), and from pre-made uint8 batches
+                through loader workers (on a GPU also with the training process held to one CPU thread), from the
+                decoded set in memory (data.in_memory), and from pre-made uint8 batches
   channels_last the step with the model and its inputs in channels_last memory format against contiguous
 Each comparison interleaves its variants, repeats them and takes medians, so its ratios hold on a loaded machine;
 absolute times do not.
@@ -189,12 +189,6 @@ def first_batches(size):
             next(data.batches(pool, U, data.InfiniteSampler(len(pool), 1), 0, device)))
 
 
-def pin_thread_batches(dataset, batch_size, sampler):
-    """data.batches as it would be with the loader's own pinning thread (DataLoader(pin_memory=True))."""
-    for batch in data.loader(dataset, batch_size, sampler, args.workers, pin_memory=cuda):
-        yield tuple(t.to(device, non_blocking=True) for t in batch)
-
-
 # -----------------------------------------------------------------------------
 # per size: the augmentation, batched on the device against per image and against the step; the steps on ready views
 results = dict(config=dict(device=torch.cuda.get_device_name() if cuda else f'cpu, {os.cpu_count()} cores',
@@ -235,6 +229,7 @@ for size in args.sizes:
 
 # -----------------------------------------------------------------------------
 # end to end, per size; on the CPU the loader workers and the step share the cores
+threads = torch.get_num_threads()
 for size in args.sizes:
     labeled, pool = datasets(size)
     labeled_kept, pool_kept = data.in_memory(labeled, args.workers, device), data.in_memory(pool, args.workers, device)
@@ -242,20 +237,22 @@ for size in args.sizes:
     premade = first_batches(size)
     streams = dict(loader=lambda: [data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), args.workers, device),
                                    data.batches(pool, U, data.InfiniteSampler(len(pool), 1), args.workers, device)],
-                   pin_thread=lambda: [pin_thread_batches(labeled, B, data.InfiniteSampler(len(labeled), 0)),
-                                       pin_thread_batches(pool, U, data.InfiniteSampler(len(pool), 1))],
+                   one_thread=lambda: [data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), args.workers, device),
+                                       data.batches(pool, U, data.InfiniteSampler(len(pool), 1), args.workers, device)],
                    memory=lambda: [data.batches(labeled_kept, B, data.InfiniteSampler(len(labeled_kept), 0), 0, device),
                                    data.batches(pool_kept, U, data.InfiniteSampler(len(pool_kept), 1), 0, device)])
-    if not cuda:
-        del streams['pin_thread']  # no pinning on the CPU: the same as 'loader'
+    if not cuda:  # 'one_thread': the training process with one CPU thread, which a step on a GPU is enough for
+        del streams['one_thread']
     seconds = {name: [] for name in [*streams, 'premade']}
     for _ in range(args.repeats):
         for name, make in streams.items():
+            torch.set_num_threads(1 if name == 'one_thread' else threads)
             batches = make()
             timed(lambda: run(*map(next, batches)), 2)  # the workers start and fill their prefetch queues
             seconds[name].append(timed(lambda: run(*map(next, batches)), 3 * steps))
             for stream in batches:
                 stream.close()  # the workers exit: they must not take CPU from the others
+        torch.set_num_threads(threads)
         seconds['premade'].append(timed(lambda: run(*premade), 3 * steps))
     images = B + 2 * U  # through the network per step
     figures = dict(workers=args.workers)
@@ -290,7 +287,7 @@ else:
     for size, r in results['end_to_end'].items():
         print(f'end to end at {size} px, images/s through the network: {r["loader_img_s"]:.0f} fed by '
               f'{args.workers} workers per loader' +
-              (f' ({r["pin_thread_img_s"]:.0f} pinned by the loader\'s thread)' if 'pin_thread_img_s' in r else '') +
+              (f' ({r["one_thread_img_s"]:.0f} with one CPU thread)' if 'one_thread_img_s' in r else '') +
               f', {r["memory_img_s"]:.0f} from memory, {r["premade_img_s"]:.0f} from pre-made batches '
               f'(loader/pre-made {r["end_to_end_ratio"]:.2f}, memory/pre-made {r["memory_ratio"]:.2f})')
     r = results['channels_last']
