@@ -608,21 +608,21 @@ def empty_images(shape, device):
 def batches(dataset, batch_size, sampler, workers=2, device='cpu'):
     """An endless stream of batches, tuples of tensors already on `device`, in the order of `sampler` (an
     InfiniteSampler). An InMemory dataset is indexed directly (on its device, or through pinned memory); any other
-    one streams through `workers` loader processes, pinned on CUDA so the copies run asynchronously."""
+    one streams through `workers` loader processes. On CUDA each batch is pinned here, in the training loop's thread,
+    and copied asynchronously: not in a pinning thread of the loader's, whose pinning while the loop captures a CUDA
+    graph (CudaGraphs) would break the capture."""
     device = torch.device(device)
     cuda = device.type == 'cuda'
+
+    def to_device(batch):  # pinned: a copy from pageable memory would wait for the GPU to finish its queue
+        return tuple((t.pin_memory() if cuda else t).to(device, non_blocking=True) for t in batch)
     if isinstance(dataset, InMemory):
         indices = iter(sampler)
         while True:
             index = torch.tensor(list(itertools.islice(indices, batch_size)))
-            if cuda:  # pinned: a copy from pageable memory would wait for the GPU to finish its queue
-                index = index.pin_memory().to(dataset.images.device, non_blocking=True)
-            batch = dataset[index]
-            if cuda and dataset.images.device.type == 'cpu':
-                batch = tuple(t.pin_memory() for t in batch)
-            yield tuple(t.to(device, non_blocking=True) for t in batch)
-    for batch in loader(dataset, batch_size, sampler, workers, pin_memory=cuda):
-        yield tuple(t.to(device, non_blocking=True) for t in batch)
+            yield dataset[to_device([index])[0]] if dataset.images.is_cuda else to_device(dataset[index])
+    for batch in loader(dataset, batch_size, sampler, workers):
+        yield to_device(batch)
 
 
 # -----------------------------------------------------------------------------

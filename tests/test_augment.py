@@ -267,6 +267,27 @@ def test_gpu_views_replayed_as_cuda_graphs_without_host_sync():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='no GPU')
+def test_cuda_graphs_captured_while_loader_workers_feed_the_batches(tmp_path):
+    """The views' graphs are captured while loader workers stream batches to the GPU, as in train.py: the batches'
+    pinning must not break a capture."""
+    from PIL import Image
+    from sources import pools
+    paths = []
+    for i, image in enumerate(faces_like(40, 48)):
+        paths.append(str(tmp_path / f'{i}.png'))
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
+    pool = data.UnlabeledPool([pools.ListPool(paths)], data.Decode(48))
+    stream = data.batches(pool, 16, data.InfiniteSampler(len(pool), 0), 2, 'cuda')
+    augment, plain = data.Augment(48), data.Augment(48, cuda_graphs=False)
+    for step in range(6):
+        images, _, _ = next(stream)
+        got = augment.unlabeled_views(images, seeded(step))
+        assert all(torch.equal(a, b) for a, b in zip(got, plain.unlabeled_views(images, seeded(step)))), step
+    stream.close()
+    assert augment.unlabeled_on_device.graphs and all(g is not None for g in augment.unlabeled_on_device.graphs.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='no GPU')
 def test_gpu_views_are_the_cpu_views():
     """Parameters are drawn on the CPU: the same seed gives the same views on a GPU, within rounding."""
     augment, images = data.Augment(112), faces_like(64, 112)
