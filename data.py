@@ -252,7 +252,8 @@ class Augment:
 
     def apply(self, images, op, magnitude):
         counts = None if self.use_every_image(images) else torch.bincount(op, minlength=len(self.names)).tolist()
-        return self.run(lambda *tensors: self.apply_from(*tensors, counts), images, self.round_parameters(op, magnitude))
+        parameters = self.round_parameters(op, magnitude)
+        return self.run(lambda *tensors: self.apply_from(*tensors, counts), images, parameters)
 
     def cutout(self, views, generator):
         return self.run(self.cutout_from, views, self.draw_cutout(len(views), generator))
@@ -396,7 +397,8 @@ def posterize(images, bits):
 
 def autocontrast(images):
     """Each channel of each image stretched to 0..255, (x - min) * 255 / (max - min), as torchvision computes it; a
-    flat channel stays as it is. torch.where, not torchvision's masked assignment, so that nothing waits for the host."""
+    flat channel stays as it is. torch.where, not torchvision's masked assignment, so that nothing waits for the
+    host."""
     x = images.to(torch.float32)
     low, high = x.amin((-2, -1), keepdim=True), x.amax((-2, -1), keepdim=True)
     flat = high == low

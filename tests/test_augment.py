@@ -284,7 +284,8 @@ def test_cuda_graphs_captured_while_loader_workers_feed_the_batches(tmp_path):
         got = augment.unlabeled_views(images, seeded(step))
         assert all(torch.equal(a, b) for a, b in zip(got, plain.unlabeled_views(images, seeded(step)))), step
     stream.close()
-    assert augment.unlabeled_on_device.graphs and all(g is not None for g in augment.unlabeled_on_device.graphs.values())
+    graphs = augment.unlabeled_on_device.graphs
+    assert graphs and all(graph is not None for graph in graphs.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='no GPU')

@@ -127,10 +127,10 @@ class PerImage:
 
 
 # -----------------------------------------------------------------------------
-# the steps, set up as in train.py: bf16 autocast and channels_last on CUDA, non_blocking copies
+# the steps, set up as in train.py: channels_last, bf16 autocast on CUDA, non_blocking copies
 
 
-def make_step(channels_last=cuda):
+def make_step(channels_last=True):
     """train.py's step on ready views (x, y, weak, strong, index) for a model of its own in the given memory format;
     form='plain teacher' runs the teacher's forward without a CUDA graph, form='concatenated' is the common step."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -207,7 +207,7 @@ for size in args.sizes:
     for way in (augment, *ways.values()):  # on a GPU the first call of a shape warms up, the second captures its graph
         views(way, generator, labeled, unlabeled), views(way, generator, labeled, unlabeled)
     batched_s, *way_s = compare(lambda: augment.unlabeled_views(unlabeled[0], generator),
-                                *[lambda way=way: way.unlabeled_views(unlabeled[0], generator) for way in ways.values()],
+                                *[lambda w=way: w.unlabeled_views(unlabeled[0], generator) for way in ways.values()],
                                 lambda: [per_image(image) for image in on_cpu])[:len(ways) + 2]
     per_image_s = way_s.pop()
     decode = data.Decode(size)
@@ -224,7 +224,8 @@ for size in args.sizes:
     results['sizes'][size] = dict(
         aug_batched_us=1e6 * batched_s / U, aug_every_image=augment.use_every_image(unlabeled[0]),
         **{f'aug_{name}_us': 1e6 * s / U for name, s in zip(ways, way_s)},
-        aug_per_image_us=1e6 * per_image_s / U, aug_speedup=per_image_s / batched_s, decode_us=1e6 * decode_s, aug_of_step_s=aug_s, aug_fraction=1 / step_over_aug,
+        aug_per_image_us=1e6 * per_image_s / U, aug_speedup=per_image_s / batched_s, decode_us=1e6 * decode_s,
+        aug_of_step_s=aug_s, aug_fraction=1 / step_over_aug,
         step_ours_s=ours, step_plain_teacher_s=plain_teacher, step_concatenated_s=concat, step_ratio=ratio)
 
 # -----------------------------------------------------------------------------
@@ -235,12 +236,13 @@ for size in args.sizes:
     labeled_kept, pool_kept = data.in_memory(labeled, args.workers, device), data.in_memory(pool, args.workers, device)
     run = augmented_step(step, data.Augment(size), torch.Generator().manual_seed(0))
     premade = first_batches(size)
-    streams = dict(loader=lambda: [data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), args.workers, device),
-                                   data.batches(pool, U, data.InfiniteSampler(len(pool), 1), args.workers, device)],
-                   one_thread=lambda: [data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), args.workers, device),
-                                       data.batches(pool, U, data.InfiniteSampler(len(pool), 1), args.workers, device)],
-                   memory=lambda: [data.batches(labeled_kept, B, data.InfiniteSampler(len(labeled_kept), 0), 0, device),
-                                   data.batches(pool_kept, U, data.InfiniteSampler(len(pool_kept), 1), 0, device)])
+
+    def streams_of(labeled, pool, workers):  # a labeled and an unlabeled stream, as train.py draws them
+        return [data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), workers, device),
+                data.batches(pool, U, data.InfiniteSampler(len(pool), 1), workers, device)]
+    streams = dict(loader=lambda: streams_of(labeled, pool, args.workers),
+                   one_thread=lambda: streams_of(labeled, pool, args.workers),
+                   memory=lambda: streams_of(labeled_kept, pool_kept, 0))
     if not cuda:  # 'one_thread': the training process with one CPU thread, which a step on a GPU is enough for
         del streams['one_thread']
     seconds = {name: [] for name in [*streams, 'premade']}
