@@ -141,9 +141,7 @@ class Augment:
         return self.run(lambda *tensors: self.make_unlabeled(*tensors, counts=counts), images, parameters)
 
     def use_every_image(self, images):
-        if self.every_image is not None:
-            return self.every_image
-        return images.is_cuda
+        return images.is_cuda if self.every_image is None else self.every_image
 
     def run(self, make, images, parameters):
         """make(images, parameters) with the CPU-drawn parameters copied to the images' device: pinned, so the copy
@@ -529,8 +527,8 @@ def default_workers(cuda):
     return max(2, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) // 2)
 
 
-def loader(dataset, batch_size, sampler=None, workers=2, pin_memory=False):
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+def loader(dataset, batch_size, sampler=None, workers=2):
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=sampler is not None, persistent_workers=workers > 0 and sampler is not None,
                       prefetch_factor=4 if workers > 0 else None)
 
