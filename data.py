@@ -517,20 +517,33 @@ def class_balanced_weights(labels, num_classes):
     return (1.0 / counts.clamp(min=1))[torch.tensor(labels)]
 
 
-def default_workers(cuda):
-    """Processes per loader when --workers is not given. On the CPU the workers share the cores with the step: 2.
-    On a GPU the cores only feed it, reading and decoding files: half the cores per loader, per process under
-    torchrun."""
+# The cores this process may run on, read at import. A loader worker is forked from the training thread and inherits
+# that thread's binding: where an OpenMP runtime has bound it to one core (or binds a forked child to one), every
+# worker would decode on that one core.
+CORES = os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else None
+
+
+def on_all_cores(worker_id):
+    """A loader worker's first act: take back all the cores of the process."""
+    if CORES:
+        with contextlib.suppress(OSError):  # cores taken away since import
+            os.sched_setaffinity(0, CORES)
+
+
+def default_workers(cuda, share=1.0):
+    """Processes for a loader that decodes `share` of the images of a step, when --workers is not given. On the CPU
+    the workers share the cores with the step: 2. On a GPU the cores only feed it, reading and decoding files: that
+    share of the cores but one (the training process's), per process under torchrun, and at least 2."""
     if not cuda:
         return 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 2
-    return max(2, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) // 2)
+    cores = len(CORES or range(os.cpu_count() or 2)) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    return max(2, round((cores - 1) * share))
 
 
-def loader(dataset, batch_size, sampler=None, workers=2):
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+def loader(dataset, batch_size, sampler=None, workers=2, collate_fn=None):
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       drop_last=sampler is not None, persistent_workers=workers > 0 and sampler is not None,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=on_all_cores)
 
 
 class InMemory(Dataset):
@@ -575,8 +588,7 @@ def in_memory(dataset, workers=2, device='cpu'):
     """Decode every image of a LabeledSet or UnlabeledPool once, through `workers` processes, into one uint8 tensor:
     the images of a run are then decoded once, not once an epoch. A 48 px face takes 7 kB (3 channels, even grey)."""
     pool, images, labels, kept, unreadable = isinstance(dataset, UnlabeledPool), None, [], 0, 0
-    for readable, bad in DataLoader(Readable(dataset), batch_size=256, num_workers=workers,
-                                    collate_fn=stack_readable):
+    for readable, bad in loader(Readable(dataset), 256, workers=workers, collate_fn=stack_readable):
         unreadable += bad
         if readable is None:
             continue
@@ -654,7 +666,7 @@ class PoolCheck(Dataset):
 def check_pool(pool, workers):
     """(readable count, {reason: count}, {reason: first file}) after reading every image of pool."""
     reasons, examples = Counter(), {}
-    for batch in DataLoader(PoolCheck(pool), batch_size=64, num_workers=workers, collate_fn=list):
+    for batch in loader(PoolCheck(pool), 64, workers=workers, collate_fn=list):
         for i, reason in batch:
             if reason:
                 reasons[reason] += 1

@@ -65,7 +65,7 @@ run.add_argument('--ema', type=float, default=0.999, help='decay of the weight E
 run.add_argument('--eval-every', type=int, default=100)
 run.add_argument('--save-every', type=int, default=100)
 run.add_argument('--log-every', type=int, default=25)
-run.add_argument('--workers', type=int, help='loader processes per loader (default: data.default_workers)')
+run.add_argument('--workers', type=int, help='loader processes per loader (default on a GPU: the cores, split between the streams by their images)')
 run.add_argument('--in-memory', action='store_true', help='decode the labeled set and the pool once and keep them as '
                  'tensors (on the GPU when they fit); for sets and pools that fit in memory')
 run.add_argument('--pool-labels', help='CSV of file name,class for the unlabeled pool: never trained on, only used to '
@@ -153,8 +153,11 @@ if cuda:
 # bf16 where the GPU has it, else fp16 with a GradScaler; full precision on the CPU
 amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
 autocast = torch.autocast('cuda', dtype=amp_dtype) if cuda else nullcontext()
-if args.workers is None:
-    args.workers = data.default_workers(cuda)
+# loader processes: on a GPU the cores are split by what each stream decodes, mu unlabeled images per labeled one
+unlabeled_share = args.mu / (1 + args.mu) if semi else 0
+labeled_workers = args.workers if args.workers is not None else data.default_workers(cuda, 1 - unlabeled_share)
+unlabeled_workers = args.workers if args.workers is not None else data.default_workers(cuda, unlabeled_share)
+idle_workers = max(labeled_workers, unlabeled_workers)  # decoding while no step runs: --in-memory, evaluation
 torch.manual_seed(args.seed)  # the initial weights; the data streams and views have generators of their own
 
 # -----------------------------------------------------------------------------
@@ -189,21 +192,21 @@ if semi and len(pool) == 0:
 classes, num_classes = train_set.classes, len(train_set.classes)
 train_set.decode = val_set.decode = decode
 if args.in_memory:
-    train_set = data.in_memory(train_set, args.workers, device)
+    train_set = data.in_memory(train_set, idle_workers, device)
     if semi:
-        pool = data.in_memory(pool, args.workers, device)
+        pool = data.in_memory(pool, idle_workers, device)
         truth = truth if truth is None or pool.unreadable == 0 else None  # its index no longer matches the files
 truth = truth.to(device) if truth is not None else None
 augment = data.Augment(args.img_size)
 weights = data.class_balanced_weights(train_set.labels, num_classes) if args.balanced else None
 # the samplers resume from the stream position the last checkpoint had consumed (step * batch per rank)
 labeled_batches = data.batches(train_set, args.batch_size, data.InfiniteSampler(
-    len(train_set), args.seed, rank, world, step * args.batch_size, weights), args.workers, device)
+    len(train_set), args.seed, rank, world, step * args.batch_size, weights), labeled_workers, device)
 val_loader = data.loader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)), 4 * args.batch_size,
-                         workers=args.workers)
+                         workers=idle_workers)
 if semi:
     unlabeled_batches = data.batches(pool, args.mu * args.batch_size, data.InfiniteSampler(
-        len(pool), args.seed + 1, rank, world, step * args.mu * args.batch_size), args.workers, device)
+        len(pool), args.seed + 1, rank, world, step * args.mu * args.batch_size), unlabeled_workers, device)
 
 # -----------------------------------------------------------------------------
 # model, weight EMA, optimizer, schedule, threshold

@@ -378,15 +378,39 @@ def test_load_backbone_from_a_train_checkpoint(tmp_path):
     assert model.fc.weight.shape == (7, 512)
 
 
-def test_default_workers_scale_with_the_cores_on_a_gpu(monkeypatch):
+def test_default_workers_split_the_cores_by_the_images_each_stream_decodes(monkeypatch):
     monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
-    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(data, 'CORES', set(range(16)))
     assert data.default_workers(cuda=False) == 2  # on the CPU the workers compete with the step
-    assert data.default_workers(cuda=True) == 8
+    assert data.default_workers(cuda=True) == 15  # one stream: every core but the training process's
+    assert data.default_workers(cuda=True, share=1 / 8) == 2  # mu = 7: the labeled stream decodes 1 image in 8 ...
+    assert data.default_workers(cuda=True, share=7 / 8) == 13  # ... the unlabeled one the other 7
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')  # torchrun, 4 processes on the host: each gets its share
-    assert data.default_workers(cuda=True) == 2
-    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(64)))
-    assert data.default_workers(cuda=True) == 8
+    assert data.default_workers(cuda=True) == 3
+    monkeypatch.setattr(data, 'CORES', set(range(64)))
+    assert data.default_workers(cuda=True, share=7 / 8) == 13
     monkeypatch.delenv('LOCAL_WORLD_SIZE')
-    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
-    assert data.default_workers(cuda=True) == 2  # never fewer than the CPU default
+    monkeypatch.setattr(data, 'CORES', {0, 1})
+    assert data.default_workers(cuda=True, share=1 / 8) == 2  # never fewer than the CPU default
+
+
+class CoresSeen(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return len(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(not hasattr(os, 'sched_getaffinity') or len(os.sched_getaffinity(0)) < 2,
+                    reason='needs a process that may run on 2 cores or more')
+@pytest.mark.filterwarnings('ignore:This DataLoader will create')  # torch counts the cores of the bound thread
+def test_loader_workers_run_on_all_the_cores_whatever_the_training_thread_is_bound_to():
+    cores = os.sched_getaffinity(0)
+    assert data.CORES == cores
+    os.sched_setaffinity(0, {min(cores)})  # as OMP_PROC_BIND or GOMP_CPU_AFFINITY bind it; its children inherit that
+    try:
+        seen = [int(n) for n in data.loader(CoresSeen(), 1, workers=2)]
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert seen == [len(cores)] * 4

@@ -47,7 +47,7 @@ parser.add_argument('--repeats', type=int, default=3, help='interleaved repeats 
 parser.add_argument('--steps', type=int, help='timed steps per repeat (default 20 on CUDA, 2 on the CPU)')
 parser.add_argument('--images', type=int, default=200, help='image files drawn per size')
 parser.add_argument('--jpeg', help='a folder of 112 px JPEG faces (e.g. lfw112) to use instead of drawn ones')
-parser.add_argument('--workers', type=int, help='processes per loader (default: as train.py, data.default_workers)')
+parser.add_argument('--workers', type=int, help='processes per loader (default: as train.py, the cores split by images)')
 parser.add_argument('--threads', type=int, help="the step's CPU threads (default: torch's, as in train.py)")
 parser.add_argument('--compile', action='store_true', help='torch.compile the model')
 parser.add_argument('--json', action='store_true')
@@ -56,8 +56,8 @@ args = parser.parse_args()
 if args.quick:
     args.batch_size, args.mu, args.sizes, args.repeats, args.steps, args.images = 2, 2, [32], 2, 1, 16
 cuda = torch.cuda.is_available()
-if args.workers is None:
-    args.workers = data.default_workers(cuda)
+workers = dict(labeled=args.workers, unlabeled=args.workers) if args.workers is not None else dict(  # as train.py
+    labeled=data.default_workers(cuda, 1 / (1 + args.mu)), unlabeled=data.default_workers(cuda, args.mu / (1 + args.mu)))
 B, U, device, steps = args.batch_size, args.mu * args.batch_size, 'cuda' if cuda else 'cpu', args.steps or 2 + 18 * cuda
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
@@ -182,6 +182,20 @@ def augmented_step(step, augment, generator):
     return lambda labeled, unlabeled: step(*views(augment, generator, labeled, unlabeled))
 
 
+class CoresSeen(torch.utils.data.Dataset):
+    """How many cores a loader worker may run on."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def worker_cores():
+    return int(next(iter(data.loader(CoresSeen(), 1, workers=1))))
+
+
 def first_batches(size):
     """One labeled and one unlabeled uint8 batch on the device, decoded from the files."""
     labeled, pool = datasets(size)
@@ -193,7 +207,7 @@ def first_batches(size):
 # per size: the augmentation, batched on the device against per image and against the step; the steps on ready views
 results = dict(config=dict(device=torch.cuda.get_device_name() if cuda else f'cpu, {os.cpu_count()} cores',
                            threads=torch.get_num_threads(), load=round(os.getloadavg()[0], 1), torch=torch.__version__,
-                           arch=args.arch, batch_size=B, mu=args.mu, workers=args.workers, compile=args.compile),
+                           arch=args.arch, batch_size=B, mu=args.mu, workers=workers, compile=args.compile),
                sizes={}, end_to_end={})
 step = make_step()
 for size in args.sizes:
@@ -233,16 +247,17 @@ for size in args.sizes:
 threads = torch.get_num_threads()
 for size in args.sizes:
     labeled, pool = datasets(size)
-    labeled_kept, pool_kept = data.in_memory(labeled, args.workers, device), data.in_memory(pool, args.workers, device)
+    most = max(workers.values())
+    labeled_kept, pool_kept = data.in_memory(labeled, most, device), data.in_memory(pool, most, device)
     run = augmented_step(step, data.Augment(size), torch.Generator().manual_seed(0))
     premade = first_batches(size)
 
-    def streams_of(labeled, pool, workers):  # a labeled and an unlabeled stream, as train.py draws them
-        return [data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), workers, device),
-                data.batches(pool, U, data.InfiniteSampler(len(pool), 1), workers, device)]
-    streams = dict(loader=lambda: streams_of(labeled, pool, args.workers),
-                   one_thread=lambda: streams_of(labeled, pool, args.workers),
-                   memory=lambda: streams_of(labeled_kept, pool_kept, 0))
+    def streams_of(labeled, pool, labeled_workers=0, pool_workers=0):  # the two streams, as train.py draws them
+        return [data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), labeled_workers, device),
+                data.batches(pool, U, data.InfiniteSampler(len(pool), 1), pool_workers, device)]
+    streams = dict(loader=lambda: streams_of(labeled, pool, *workers.values()),
+                   one_thread=lambda: streams_of(labeled, pool, *workers.values()),
+                   memory=lambda: streams_of(labeled_kept, pool_kept))
     if not cuda:  # 'one_thread': the training process with one CPU thread, which a step on a GPU is enough for
         del streams['one_thread']
     seconds = {name: [] for name in [*streams, 'premade']}
@@ -257,7 +272,7 @@ for size in args.sizes:
         torch.set_num_threads(threads)
         seconds['premade'].append(timed(lambda: run(*premade), 3 * steps))
     images = B + 2 * U  # through the network per step
-    figures = dict(workers=args.workers)
+    figures = dict(workers=workers, worker_cores=worker_cores())
     for name in streams:
         figures[f'{name}_img_s'] = images / statistics.median(seconds[name])
         figures[f'{name}_ratio'] = statistics.median(p / s for s, p in zip(seconds[name], seconds['premade']))
@@ -288,7 +303,7 @@ else:
         print(f'{key:30}' + ''.join(f'{v:10.{2 if abs(v) < 10 else 0}f}' for v in values))
     for size, r in results['end_to_end'].items():
         print(f'end to end at {size} px, images/s through the network: {r["loader_img_s"]:.0f} fed by '
-              f'{args.workers} workers per loader' +
+              f'{workers["labeled"]} + {workers["unlabeled"]} workers on {r["worker_cores"]} cores' +
               (f' ({r["one_thread_img_s"]:.0f} with one CPU thread)' if 'one_thread_img_s' in r else '') +
               f', {r["memory_img_s"]:.0f} from memory, {r["premade_img_s"]:.0f} from pre-made batches '
               f'(loader/pre-made {r["end_to_end_ratio"]:.2f}, memory/pre-made {r["memory_ratio"]:.2f})')
