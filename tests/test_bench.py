@@ -25,6 +25,8 @@ def test_quick_run_prints_every_figure():
     assert result.returncode == 0, result.stderr
     results = json.loads(result.stdout)
     assert set(results) == {'config', 'sizes', 'end_to_end', 'channels_last'}
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout
+    assert (results['config']['commit'] or '').startswith(commit.strip())  # the checkout the figures come from
     (size, figures), = results['sizes'].items()
     assert size == '32'
     assert set(figures) == {'aug_batched_us', 'aug_every_image', 'aug_every_image_us', 'aug_every_image_no_graphs_us',

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,6 +84,15 @@ def compare(*fns, n=1):
     times = [[timed(fn, n) for fn in fns] for _ in range(args.repeats)]
     return ([statistics.median(t) for t in zip(*times)] +
             [statistics.median(t[0] / t[k] for t in times) for k in range(1, len(fns))])
+
+
+def commit():
+    """The checkout's commit (with '-dirty' if files changed since), or None outside git."""
+    try:
+        return subprocess.run(['git', 'describe', '--always', '--dirty', '--exclude', '*'], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:  # no git
+        return None
 
 
 # -----------------------------------------------------------------------------
@@ -206,8 +216,9 @@ def first_batches(size):
 # -----------------------------------------------------------------------------
 # per size: the augmentation, batched on the device against per image and against the step; the steps on ready views
 results = dict(config=dict(device=torch.cuda.get_device_name() if cuda else f'cpu, {os.cpu_count()} cores',
-                           threads=torch.get_num_threads(), load=round(os.getloadavg()[0], 1), torch=torch.__version__,
-                           arch=args.arch, batch_size=B, mu=args.mu, workers=workers, compile=args.compile),
+                           commit=commit(), threads=torch.get_num_threads(), load=round(os.getloadavg()[0], 1),
+                           torch=torch.__version__, arch=args.arch, batch_size=B, mu=args.mu, workers=workers,
+                           compile=args.compile),
                sizes={}, end_to_end={})
 step = make_step()
 for size in args.sizes:
