@@ -37,8 +37,8 @@ def test_quick_run_prints_every_figure():
     assert figures['aug_speedup'] == pytest.approx(figures['aug_per_image_us'] / figures['aug_batched_us'])
     (size, end), = results['end_to_end'].items()
     assert size == '32' and end['workers'] == dict(labeled=2, unlabeled=2) and end['worker_cores'] == len(os.sched_getaffinity(0))
-    assert all(positive(end[k]) for k in ('loader_img_s', 'memory_img_s', 'premade_img_s', 'end_to_end_ratio',
-                                          'memory_ratio'))
+    assert all(positive(end[k]) for k in ('loader_img_s', 'loader_alone_img_s', 'memory_img_s', 'premade_img_s',
+                                          'end_to_end_ratio', 'loader_alone_ratio', 'memory_ratio'))
     layout = results['channels_last']
     assert layout['size'] == 32 and layout['threads'] == 1
     assert all(positive(layout[k]) for k in ('contiguous_s', 'channels_last_s', 'ratio'))

@@ -9,7 +9,8 @@ Speed of the data pipeline and of the training step, side by side in one run:
                 forward run plainly, and the common single forward+backward on [labeled, weak, strong]
   end to end    per size, images/s of the whole step, augmentation included, fed by data.batches from image files
                 through loader workers (on a GPU also with the training process held to one CPU thread), from the
-                decoded set in memory (data.in_memory), and from pre-made uint8 batches
+                decoded set in memory (data.in_memory), and from pre-made uint8 batches; and the pace of the loader
+                workers alone, with no step beside them (loader_alone)
   channels_last the step with the model and its inputs in channels_last memory format against contiguous
 Each comparison interleaves its variants, repeats them and takes medians, so its ratios hold on a loaded machine;
 absolute times do not.
@@ -20,6 +21,7 @@ absolute times do not.
 import argparse
 import json
 import os
+import platform
 import random
 import statistics
 import subprocess
@@ -216,7 +218,7 @@ def first_batches(size):
 # -----------------------------------------------------------------------------
 # per size: the augmentation, batched on the device against per image and against the step; the steps on ready views
 results = dict(config=dict(device=torch.cuda.get_device_name() if cuda else f'cpu, {os.cpu_count()} cores',
-                           commit=commit(), threads=torch.get_num_threads(), load=round(os.getloadavg()[0], 1),
+                           commit=commit(), kernel=platform.release(), threads=torch.get_num_threads(), load=round(os.getloadavg()[0], 1),
                            torch=torch.__version__, arch=args.arch, batch_size=B, mu=args.mu, workers=workers,
                            compile=args.compile),
                sizes={}, end_to_end={})
@@ -267,6 +269,7 @@ for size in args.sizes:
         return [data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), labeled_workers, device),
                 data.batches(pool, U, data.InfiniteSampler(len(pool), 1), pool_workers, device)]
     streams = dict(loader=lambda: streams_of(labeled, pool, *workers.values()),
+                   loader_alone=lambda: streams_of(labeled, pool, *workers.values()),  # no step: the workers' pace
                    one_thread=lambda: streams_of(labeled, pool, *workers.values()),
                    memory=lambda: streams_of(labeled_kept, pool_kept))
     if not cuda:  # 'one_thread': the training process with one CPU thread, which a step on a GPU is enough for
@@ -276,8 +279,9 @@ for size in args.sizes:
         for name, make in streams.items():
             torch.set_num_threads(1 if name == 'one_thread' else threads)
             batches = make()
-            timed(lambda: run(*map(next, batches)), 2)  # the workers start and fill their prefetch queues
-            seconds[name].append(timed(lambda: run(*map(next, batches)), 3 * steps))
+            work = (lambda: list(map(next, batches))) if name == 'loader_alone' else lambda: run(*map(next, batches))
+            timed(work, 2)  # the workers start and fill their prefetch queues
+            seconds[name].append(timed(work, 3 * steps))
             for stream in batches:
                 stream.close()  # the workers exit: they must not take CPU from the others
         torch.set_num_threads(threads)
@@ -317,7 +321,8 @@ else:
               f'{workers["labeled"]} + {workers["unlabeled"]} workers on {r["worker_cores"]} cores' +
               (f' ({r["one_thread_img_s"]:.0f} with one CPU thread)' if 'one_thread_img_s' in r else '') +
               f', {r["memory_img_s"]:.0f} from memory, {r["premade_img_s"]:.0f} from pre-made batches '
-              f'(loader/pre-made {r["end_to_end_ratio"]:.2f}, memory/pre-made {r["memory_ratio"]:.2f})')
+              f'(loader/pre-made {r["end_to_end_ratio"]:.2f}, memory/pre-made {r["memory_ratio"]:.2f}); '
+              f'the workers alone could feed {r["loader_alone_img_s"]:.0f}')
     r = results['channels_last']
     print(f'channels_last at {size} px, {r["threads"]} threads: {r["channels_last_s"]:.3f} s/step against '
           f'{r["contiguous_s"]:.3f} contiguous (contiguous/channels_last {r["ratio"]:.2f})')
