@@ -421,6 +421,17 @@ COLOUR_OPS = {
 # datasets
 
 
+class UnreadableImage(RuntimeError):
+    """Images a run cannot do without cannot be read. Raised in a loader worker, it reaches the training process
+    raised again by the DataLoader, the worker's traceback before its message: str() gives the message alone."""
+
+    def __str__(self):
+        text = super().__str__()
+        if 'Original Traceback' not in text:
+            return text
+        return text.strip().splitlines()[-1].split(': ', 1)[1]  # its last line: 'data.UnreadableImage: message'
+
+
 class LabeledSet(Dataset):
     """items[i] is an image source for open_image, labels[i] its class index into classes. Returns (uint8 image,
     label)."""
@@ -437,7 +448,8 @@ class LabeledSet(Dataset):
         try:
             return formats.open_image(self.items[index])
         except (OSError, ValueError) as error:
-            raise RuntimeError(f'{self.name}: cannot read image {self.items[index]}: {error}') from None
+            raise UnreadableImage(f'{self.name}: cannot read image {self.items[index]}: {error}; a labeled set needs '
+                                  'every image: replace or remove it') from None
 
     def __getitem__(self, index):
         return self.decode(self.read(index)), self.labels[index]
@@ -481,7 +493,7 @@ class UnlabeledPool(Dataset):
             if image is not None:
                 return image, i, skipped
         source, j = self.locate(index)
-        raise RuntimeError(f'100 unreadable images in a row in the unlabeled pool, from {source.name(j)}')
+        raise UnreadableImage(f'100 unreadable images in a row in the unlabeled pool, from {source.name(j)}')
 
 
 # -----------------------------------------------------------------------------
@@ -549,8 +561,7 @@ def loader(dataset, batch_size, sampler=None, workers=2, collate_fn=None):
 class InMemory(Dataset):
     """A labeled set or pool decoded once: `columns` are the tensors its source returns, (images, labels) for a
     labeled set, (images, index, skipped) for a pool, `images` one uint8 tensor (N, 3, S, S) on the CPU or the
-    training device. A pool's unreadable images were dropped (counted in `unreadable`): its index runs 0 .. len - 1,
-    one slot per kept image for per-sample state."""
+    training device. Item i is what the source's item i is, so a sampler draws the same batches from either."""
 
     def __init__(self, columns, unreadable=0, classes=None, name='unlabeled pool'):
         self.columns, self.unreadable, self.classes, self.name = columns, unreadable, classes, name
@@ -579,32 +590,58 @@ class Readable(Dataset):
 
 
 def stack_readable(samples):
-    """Collate in the worker: (the readable samples stacked, or None; how many were not readable)."""
+    """Collate in the worker: (the readable samples stacked, or None; which samples were readable)."""
     readable = [s for s in samples if s[0] is not None]
-    return (default_collate(readable) if readable else None), len(samples) - len(readable)
+    return (default_collate(readable) if readable else None), torch.tensor([s[0] is not None for s in samples])
 
 
 def in_memory(dataset, workers=2, device='cpu'):
     """Decode every image of a LabeledSet or UnlabeledPool once, through `workers` processes, into one uint8 tensor:
-    the images of a run are then decoded once, not once an epoch. A 48 px face takes 7 kB (3 channels, even grey)."""
-    pool, images, labels, kept, unreadable = isinstance(dataset, UnlabeledPool), None, [], 0, 0
-    for readable, bad in loader(Readable(dataset), 256, workers=workers, collate_fn=stack_readable):
-        unreadable += bad
-        if readable is None:
-            continue
-        if images is None:  # one image's size is known now: place the whole tensor
-            images = empty_images((len(dataset), *readable[0].shape[1:]), torch.device(device))
-        images[kept:kept + len(readable[0])] = readable[0]
-        kept += len(readable[0])
-        labels += readable[1:]
+    the images of a run are then decoded once, not once an epoch. A 48 px face takes 7 kB (3 channels, even grey).
+    In a pool an unreadable image is replaced by the next readable one, as UnlabeledPool does, with its index and
+    the count skipped: the same items, so streamed and in-memory runs draw the same batches."""
+    pool, images, labels, was_readable = isinstance(dataset, UnlabeledPool), None, [], []
+    for readable, mask in loader(Readable(dataset), 256, workers=workers, collate_fn=stack_readable):
+        if readable is not None:
+            if images is None:  # one image's size is known now: place the whole tensor
+                images = empty_images((len(dataset), *readable[0].shape[1:]), torch.device(device))
+            at = sum(map(len, was_readable)) + mask.nonzero().flatten()
+            images.index_copy_(0, at.to(images.device), readable[0].to(images.device))
+            labels += readable[1:]
+        was_readable.append(mask)
     if images is None:
-        raise RuntimeError(f'{dataset.name if not pool else "the unlabeled pool"}: no readable image')
+        raise UnreadableImage(f'{dataset.name if not pool else "the unlabeled pool"}: no readable image')
     if not pool:
         return InMemory((images, torch.cat(labels).to(images.device)), 0, dataset.classes, dataset.name)
+    readable = torch.cat(was_readable)
+    index = next_readable(readable)
+    skipped = (index - torch.arange(len(index))) % len(index)
+    if skipped.max() >= 100:
+        source, j = dataset.locate(int(skipped.argmax()))
+        raise UnreadableImage(f'100 unreadable images in a row in the unlabeled pool, from {source.name(j)}')
+    unreadable = int((~readable).sum())
     if unreadable:
-        print(f'warning: {unreadable} unreadable images dropped from the unlabeled pool', file=sys.stderr)
-    index = torch.arange(kept, device=images.device)
-    return InMemory((images[:kept], index, torch.zeros_like(index)), unreadable)
+        images[~readable.to(images.device)] = images[index[~readable].to(images.device)]
+        print(f'warning: {unreadable} unreadable images in the unlabeled pool, each replaced by the next readable one',
+              file=sys.stderr)
+    return InMemory((images, index.to(images.device), skipped.to(images.device)), unreadable)
+
+
+def next_readable(readable):
+    """For each position of a pool, the first readable one at or after it, wrapping around past the end: where
+    UnlabeledPool.__getitem__ finds its image."""
+    n = len(readable)
+    positions = torch.arange(2 * n)  # the pool twice over, for the wrap
+    ahead = torch.where(readable.repeat(2), positions, 2 * n)
+    return ahead.flip(0).cummin(0).values.flip(0)[:n] % n  # the least readable position at or after each
+
+
+def worth_keeping(images, img_size, device):
+    """--in-memory auto: keep a set of `images` decoded on a GPU when they take at most a quarter of its free memory.
+    There loader workers decoding every epoch cannot keep up with the step (README, Performance); on the CPU they can,
+    and streaming saves the memory."""
+    device = torch.device(device)
+    return device.type == 'cuda' and images * 3 * img_size ** 2 <= torch.cuda.mem_get_info(device)[0] // 4
 
 
 def empty_images(shape, device):

@@ -65,9 +65,12 @@ run.add_argument('--ema', type=float, default=0.999, help='decay of the weight E
 run.add_argument('--eval-every', type=int, default=100)
 run.add_argument('--save-every', type=int, default=100)
 run.add_argument('--log-every', type=int, default=25)
-run.add_argument('--workers', type=int, help='loader processes per loader (default on a GPU: the cores, split between the streams by their images)')
-run.add_argument('--in-memory', action='store_true', help='decode the labeled set and the pool once and keep them as '
-                 'tensors (on the GPU when they fit); for sets and pools that fit in memory')
+run.add_argument('--workers', type=int, help='processes per loader (default on a GPU: the cores, split between the '
+                 'streams by the images each decodes)')
+run.add_argument('--in-memory', nargs='?', const='yes', default='auto', choices=('auto', 'yes', 'no'),
+                 help='yes: decode the labeled set and the pool once and keep them as tensors (on the GPU when they '
+                 'fit); no: stream them through loader workers; auto (default): yes on a GPU for each one that takes '
+                 'at most a quarter of its free memory, else no')
 run.add_argument('--pool-labels', help='CSV of file name,class for the unlabeled pool: never trained on, only used to '
                  'log how often the pseudo-labels are right (labeled sets given as --unlabeled carry their own)')
 run.add_argument('--seed', type=int, default=0)
@@ -93,6 +96,17 @@ OPERATIONAL = ('resume', 'out', 'steps', 'workers', 'eval_every', 'save_every', 
 def fail(message):
     """A mistake of the user's: one line, no traceback."""
     sys.exit(f'train.py: error: {message}')
+
+
+def report_unreadable_images(kind, error, traceback):
+    """An image the run needs that cannot be read, met at any point of the run (in a loader worker too): one line."""
+    if issubclass(kind, data.UnreadableImage):
+        print(f'train.py: error: {error}', file=sys.stderr)  # the exit status is 1
+    else:
+        sys.__excepthook__(kind, error, traceback)
+
+
+sys.excepthook = report_unreadable_images
 
 
 # -----------------------------------------------------------------------------
@@ -191,11 +205,18 @@ if semi and len(pool) == 0:
     fail(f'--unlabeled {" ".join(args.unlabeled)}: no images found')
 classes, num_classes = train_set.classes, len(train_set.classes)
 train_set.decode = val_set.decode = decode
-if args.in_memory:
+
+
+def keep_in_memory(dataset):  # --in-memory
+    if args.in_memory == 'auto':
+        return data.worth_keeping(len(dataset), args.img_size, device)
+    return args.in_memory == 'yes'
+
+
+if keep_in_memory(train_set):
     train_set = data.in_memory(train_set, idle_workers, device)
-    if semi:
-        pool = data.in_memory(pool, idle_workers, device)
-        truth = truth if truth is None or pool.unreadable == 0 else None  # its index no longer matches the files
+if semi and keep_in_memory(pool):
+    pool = data.in_memory(pool, idle_workers, device)
 truth = truth.to(device) if truth is not None else None
 augment = data.Augment(args.img_size)
 weights = data.class_balanced_weights(train_set.labels, num_classes) if args.balanced else None
@@ -339,6 +360,9 @@ if master:
     print(f'{len(train_set)} labeled, {len(val_set)} val, {len(pool) if semi else 0} unlabeled images; '
           f'{num_classes} classes {classes if num_classes <= 20 else classes[:10] + ["..."]}; '
           f'{args.arch} at {args.img_size}px on {device} x{world}; threshold={args.threshold}')
+    feeds = [('labeled', train_set, labeled_workers), ('unlabeled', pool, unlabeled_workers)][:1 + semi]
+    print('; '.join(f'{name} images ' + ('decoded once, in memory' if isinstance(dataset, data.InMemory) else
+                                         f'streamed by {workers} loader workers') for name, dataset, workers in feeds))
 
 # -----------------------------------------------------------------------------
 # training loop

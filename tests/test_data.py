@@ -165,6 +165,40 @@ def test_in_memory_labeled_set_is_the_decoded_set(folder):
     assert torch.equal(image, labeled[3][0]) and label == labeled.labels[3]
 
 
+def test_in_memory_by_default_on_a_gpu_when_a_quarter_of_its_free_memory_holds_the_set(monkeypatch):
+    free = 4 * 1000 * 3 * 48 * 48  # bytes: a quarter of it holds 1000 images at 48 px
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device: (free, 2 * free))
+    assert data.worth_keeping(1000, 48, 'cuda:0') and data.worth_keeping(1000, 48, torch.device('cuda', 0))
+    assert not data.worth_keeping(1001, 48, 'cuda:0') and not data.worth_keeping(1000, 49, 'cuda:0')
+    assert not data.worth_keeping(10, 48, 'cpu')  # on the CPU the workers keep up: streaming saves the memory
+
+
+def test_next_readable_is_where_the_pool_finds_an_image():
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 50):
+        for _ in range(20):
+            readable = torch.rand(n, generator=generator) < 0.4
+            readable[torch.randint(n, (), generator=generator)] = True  # at least one
+            expected = [next((i + k) % n for k in range(n) if readable[(i + k) % n]) for i in range(n)]
+            assert data.next_readable(readable).tolist() == expected
+    assert data.next_readable(torch.tensor([False, True, False, False])).tolist() == [1, 1, 1, 1]  # past the end
+
+
+def test_in_memory_pool_stops_where_streaming_would(tmp_path):
+    """100 unreadable images in a row stop a pool in memory, as they stop it streamed; none readable at all too."""
+    paths = [str(tmp_path / f'{i}.png') for i in range(101)]
+    for path in paths[:100]:
+        open(path, 'w').write('not an image')
+    random_image(8, 8).save(paths[100])
+    pool = data.UnlabeledPool([pools.ListPool(paths)], data.Decode(8))
+    with pytest.raises(RuntimeError, match='100 unreadable images in a row .*0.png'):
+        pool[0]
+    with pytest.raises(RuntimeError, match='100 unreadable images in a row .*0.png'):
+        data.in_memory(pool, workers=0)
+    with pytest.raises(RuntimeError, match='no readable image'):
+        data.in_memory(data.UnlabeledPool([pools.ListPool(paths[:3])], data.Decode(8)), workers=0)
+
+
 def pool_of(tmp_path, n):
     paths = []
     for i in range(n):

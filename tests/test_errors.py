@@ -1,7 +1,8 @@
 """
 Every mistake a user can make on train.py's command line ends the same way: a non-zero exit, one line on stderr that
 names the flag or the file, no traceback, and nothing trained or written. Each case is a train.py subprocess on a tiny
-generated face set; they run in parallel and fail before the first step.
+generated face set; they run in parallel and fail before the first step, except an unreadable labeled image, met
+when a step draws it.
 """
 import os
 import shutil
@@ -35,6 +36,11 @@ CASES = {
     'resume_image': (('--resume', '{tmp}/face.png'), ('--resume', '{tmp}/face.png'), None),
     'resume_missing': (('--resume', '{tmp}/no_such.pt'), ('--resume', '{tmp}/no_such.pt'), None),
     'out_is_a_file': (('--out', '{tmp}/notes.txt'), ('--out', '{tmp}/notes.txt'), None),
+    # met while training (in a loader worker) or while decoding the set into memory
+    'labeled_image_unreadable': (('--data', '{tmp}/bad_faces', '--workers', '2', '--steps', '10'),  # every image
+                                 ('{tmp}/bad_faces/train/Anger/bad.png',), None),
+    'labeled_image_unreadable_in_memory': (('--data', '{tmp}/bad_faces', '--in-memory', 'yes'),
+                                           ('{tmp}/bad_faces/train/Anger/bad.png',), None),
 }
 NOT_CODE = ('weights_text', 'weights_empty', 'weights_image', 'resume_text', 'resume_empty', 'resume_image')
 
@@ -61,6 +67,8 @@ def failures(tmp_path_factory):
     image = next(os.path.join(d, f) for d, _, files in sorted(os.walk(os.path.join(faces, 'train'))) for f in files)
     shutil.copyfile(image, tmp / 'face.png')
     torch.save(dict(model=RunsCode(tmp / 'pwned')), tmp / 'code.pt')
+    shutil.copytree(faces, tmp / 'bad_faces')
+    (tmp / 'bad_faces' / 'train' / 'Anger' / 'bad.png').write_text('not an image')
 
     def run(name):
         out = tmp / f'out_{name}'
@@ -86,5 +94,5 @@ def test_one_clear_line(failures, case):
         assert 'run code' not in stderr, stderr
     if case == 'weights_code':
         assert 'code' in stderr and not (tmp / 'pwned').exists(), stderr
-    if case != 'out_is_a_file':
+    if case not in ('out_is_a_file', 'labeled_image_unreadable'):  # the last one is met by the first step
         assert not out.exists(), 'the run started before the mistake was found'

@@ -155,3 +155,30 @@ def test_one_gpu_device_has_an_index_for_set_device():
     result = run('-c', ONE_GPU, '--steps', '1')
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == 'set_device 0'
+
+
+def test_in_memory_pool_keeps_its_true_labels_past_an_unreadable_file(tmp_path):
+    """--in-memory yes replaces an unreadable pool image by the next readable one, as streaming does: the true labels
+    (--pool-labels, logged only) stay with their images. Every readable image has a label, the unreadable one (first
+    in the pool) has none, so every pseudo-label made is of an image whose label is known."""
+    data = str(tmp_path / 'tints')
+    write_set(data, dict(train=4, val=4, unlabeled=6), torch.Generator().manual_seed(3))
+    pool = tmp_path / 'pool'
+    os.makedirs(pool)
+    (pool / '0000.png').write_bytes(b'not an image')
+    lines = []
+    for name in COLOURS:
+        for i in range(6):
+            os.replace(os.path.join(data, 'unlabeled', name, f'{i}.png'), pool / f'{name}_{i}.png')
+            lines.append(f'{name}_{i}.png,{name}')
+    (tmp_path / 'labels.csv').write_text('\n'.join(lines) + '\n')
+    out = str(tmp_path / 'run')
+    result = run('train.py', '--data', data, '--unlabeled', str(pool), '--pool-labels', str(tmp_path / 'labels.csv'),
+                 '--in-memory', '--steps', '6', '--batch-size', '4', '--mu', '2', '--img-size', '32', '--workers', '0',
+                 '--eval-every', '6', '--log-every', '2', '--out', out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '1 unreadable images in the unlabeled pool' in result.stderr
+    assert 'unlabeled images decoded once, in memory' in result.stdout
+    trains = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    trains = [r for r in trains if r['event'] == 'train']
+    assert len(trains) == 3 and all(sum(r['labeled']) == sum(r['predicted']) == 2 * 8 for r in trains)
