@@ -561,7 +561,8 @@ def loader(dataset, batch_size, sampler=None, workers=2, collate_fn=None):
 class InMemory(Dataset):
     """A labeled set or pool decoded once: `columns` are the tensors its source returns, (images, labels) for a
     labeled set, (images, index, skipped) for a pool, `images` one uint8 tensor (N, 3, S, S) on the CPU or the
-    training device. Item i is what the source's item i is, so a sampler draws the same batches from either."""
+    training device. Item i is what the source's item i is (a pool's unreadable images, counted in `unreadable`,
+    replaced by the next readable ones), so a sampler draws the same batches from either."""
 
     def __init__(self, columns, unreadable=0, classes=None, name='unlabeled pool'):
         self.columns, self.unreadable, self.classes, self.name = columns, unreadable, classes, name
@@ -600,15 +601,16 @@ def in_memory(dataset, workers=2, device='cpu'):
     the images of a run are then decoded once, not once an epoch. A 48 px face takes 7 kB (3 channels, even grey).
     In a pool an unreadable image is replaced by the next readable one, as UnlabeledPool does, with its index and
     the count skipped: the same items, so streamed and in-memory runs draw the same batches."""
-    pool, images, labels, was_readable = isinstance(dataset, UnlabeledPool), None, [], []
+    pool, images, labels, was_readable, start = isinstance(dataset, UnlabeledPool), None, [], [], 0
     for readable, mask in loader(Readable(dataset), 256, workers=workers, collate_fn=stack_readable):
         if readable is not None:
             if images is None:  # one image's size is known now: place the whole tensor
                 images = empty_images((len(dataset), *readable[0].shape[1:]), torch.device(device))
-            at = sum(map(len, was_readable)) + mask.nonzero().flatten()
+            at = start + mask.nonzero().flatten()  # each readable image in its own place
             images.index_copy_(0, at.to(images.device), readable[0].to(images.device))
             labels += readable[1:]
         was_readable.append(mask)
+        start += len(mask)
     if images is None:
         raise UnreadableImage(f'{dataset.name if not pool else "the unlabeled pool"}: no readable image')
     if not pool:

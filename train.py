@@ -354,15 +354,17 @@ def save(name):
     os.replace(path + '.tmp', path)
 
 
+feeds = {name: 'memory' if isinstance(dataset, data.InMemory) else workers  # where each stream's images come from
+         for name, dataset, workers in [('labeled', train_set, labeled_workers), ('unlabeled', pool, unlabeled_workers)]
+         if dataset is not None}
 log(dict(event='start', step=step, config=config, classes=classes, versions=versions,
-         labeled=len(train_set), val=len(val_set), unlabeled=len(pool) if semi else 0))
+         labeled=len(train_set), val=len(val_set), unlabeled=len(pool) if semi else 0, fed_from=feeds))
 if master:
     print(f'{len(train_set)} labeled, {len(val_set)} val, {len(pool) if semi else 0} unlabeled images; '
           f'{num_classes} classes {classes if num_classes <= 20 else classes[:10] + ["..."]}; '
           f'{args.arch} at {args.img_size}px on {device} x{world}; threshold={args.threshold}')
-    feeds = [('labeled', train_set, labeled_workers), ('unlabeled', pool, unlabeled_workers)][:1 + semi]
-    print('; '.join(f'{name} images ' + ('decoded once, in memory' if isinstance(dataset, data.InMemory) else
-                                         f'streamed by {workers} loader workers') for name, dataset, workers in feeds))
+    print('; '.join(f'{name} images ' + ('decoded once, in memory' if source == 'memory' else
+                                         f'streamed by {source} loader workers') for name, source in feeds.items()))
 
 # -----------------------------------------------------------------------------
 # training loop

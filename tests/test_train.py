@@ -46,6 +46,7 @@ def test_train_learns_and_evaluate_reproduces_it(tmp_path):
     records = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
     start, evals, end = records[0], [r for r in records if r['event'] == 'eval'], records[-1]
     assert start['event'] == 'start' and start['config']['threshold'] == 'dtm' and start['versions']['torch']
+    assert start['fed_from'] == dict(labeled=0, unlabeled=0)  # on the CPU sets stream, here through 0 workers
     assert [r['step'] for r in evals] == [30, 60] and end['event'] == 'end'
     best = max(evals, key=lambda r: r['macro_f1'])
     # chance: a uniform guess scores ~1/4 macro F1, a constant guess 0.1; this must learn
@@ -179,6 +180,7 @@ def test_in_memory_pool_keeps_its_true_labels_past_an_unreadable_file(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert '1 unreadable images in the unlabeled pool' in result.stderr
     assert 'unlabeled images decoded once, in memory' in result.stdout
-    trains = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
-    trains = [r for r in trains if r['event'] == 'train']
+    records = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    assert records[0]['fed_from'] == dict(labeled='memory', unlabeled='memory')
+    trains = [r for r in records if r['event'] == 'train']
     assert len(trains) == 3 and all(sum(r['labeled']) == sum(r['predicted']) == 2 * 8 for r in trains)
