@@ -14,6 +14,7 @@ from a seeded generator, so no worker's CPU time bounds a GPU step.
 import argparse
 import bisect
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -426,10 +427,10 @@ class UnreadableImage(RuntimeError):
     raised again by the DataLoader, the worker's traceback before its message: str() gives the message alone."""
 
     def __str__(self):
-        text = super().__str__()
-        if 'Original Traceback' not in text:
+        text, raised_as = super().__str__(), f'{type(self).__module__}.{type(self).__qualname__}: '
+        if 'Original Traceback' not in text or raised_as not in text:
             return text
-        return text.strip().splitlines()[-1].split(': ', 1)[1]  # its last line: 'data.UnreadableImage: message'
+        return text[text.rfind(raised_as) + len(raised_as):].strip()  # after the traceback's 'data.UnreadableImage: '
 
 
 class LabeledSet(Dataset):
@@ -529,17 +530,18 @@ def class_balanced_weights(labels, num_classes):
     return (1.0 / counts.clamp(min=1))[torch.tensor(labels)]
 
 
-# The cores this process may run on, read at import. A loader worker is forked from the training thread and inherits
-# that thread's binding: where an OpenMP runtime has bound it to one core (or binds a forked child to one), every
-# worker would decode on that one core.
+# The cores this process may run on, read at import. A loader worker inherits the binding of the thread it is forked
+# from: where a runtime binds the training thread, or a forked child, to one core after that, every worker would
+# decode on that one core, so each worker takes back these cores (on_cores). A binding made before, by OMP_PROC_BIND,
+# GOMP_CPU_AFFINITY (at `import torch`) or taskset, is the user's: train.py only warns of it.
 CORES = os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else None
 
 
-def on_all_cores(worker_id):
-    """A loader worker's first act: take back all the cores of the process."""
-    if CORES:
-        with contextlib.suppress(OSError):  # cores taken away since import
-            os.sched_setaffinity(0, CORES)
+def on_cores(cores, worker_id):
+    """A loader worker's first act: run on `cores`, the training process's (CORES there; a worker started by spawn
+    imports this module again, under the binding it inherited)."""
+    with contextlib.suppress(OSError):  # cores taken away since
+        os.sched_setaffinity(0, cores)
 
 
 def default_workers(cuda, share=1.0):
@@ -555,7 +557,8 @@ def default_workers(cuda, share=1.0):
 def loader(dataset, batch_size, sampler=None, workers=2, collate_fn=None):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       drop_last=sampler is not None, persistent_workers=workers > 0 and sampler is not None,
-                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=on_all_cores)
+                      prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=functools.partial(on_cores, CORES) if CORES else None)
 
 
 class InMemory(Dataset):

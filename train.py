@@ -172,6 +172,9 @@ unlabeled_share = args.mu / (1 + args.mu) if semi else 0
 labeled_workers = args.workers if args.workers is not None else data.default_workers(cuda, 1 - unlabeled_share)
 unlabeled_workers = args.workers if args.workers is not None else data.default_workers(cuda, unlabeled_share)
 idle_workers = max(labeled_workers, unlabeled_workers)  # decoding while no step runs: --in-memory, evaluation
+if master and idle_workers and data.CORES and len(data.CORES) == 1 < (os.cpu_count() or 1):
+    print(f'warning: this process may run on 1 of the {os.cpu_count()} cores, and so may its loader workers, all on '
+          'that one: unset OMP_PROC_BIND and GOMP_CPU_AFFINITY, or give taskset more cores', file=sys.stderr)
 torch.manual_seed(args.seed)  # the initial weights; the data streams and views have generators of their own
 
 # -----------------------------------------------------------------------------
@@ -252,7 +255,10 @@ best_f1, best_metrics = -1.0, None
 if args.resume:
     for name, part in (('model', model), ('ema_model', ema_model), ('optimizer', optimizer),
                        ('scheduler', scheduler), ('threshold', threshold)):
-        part.load_state_dict(checkpoint[name])
+        try:
+            part.load_state_dict(checkpoint[name])
+        except (RuntimeError, ValueError, KeyError) as error:  # e.g. a per-image state for a pool of another size
+            fail(f'--resume: the {name} in {path} does not fit this run: {str(error).splitlines()[0]}')
     if checkpoint['scaler']:  # empty when saved without fp16 (CPU, bf16)
         scaler.load_state_dict(checkpoint['scaler'])
     best_f1, best_metrics = checkpoint['best_f1'], checkpoint['best_metrics']
@@ -364,7 +370,8 @@ if master:
           f'{num_classes} classes {classes if num_classes <= 20 else classes[:10] + ["..."]}; '
           f'{args.arch} at {args.img_size}px on {device} x{world}; threshold={args.threshold}')
     print('; '.join(f'{name} images ' + ('decoded once, in memory' if source == 'memory' else
-                                         f'streamed by {source} loader workers') for name, source in feeds.items()))
+                                         f'streamed by {source} loader workers' if source else 'read in this process')
+                    for name, source in feeds.items()))
 
 # -----------------------------------------------------------------------------
 # training loop

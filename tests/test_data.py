@@ -7,6 +7,7 @@ tested in test_augment.py.
 """
 import itertools
 import os
+import re
 
 import numpy
 import pytest
@@ -173,6 +174,19 @@ def test_in_memory_by_default_on_a_gpu_when_a_quarter_of_its_free_memory_holds_t
     assert not data.worth_keeping(10, 48, 'cpu')  # on the CPU the workers keep up: streaming saves the memory
 
 
+def test_unreadable_image_raised_in_a_loader_worker_reads_as_its_message():
+    from torch._utils import ExceptionWrapper  # how a DataLoader carries a worker's exception to the training process
+    message = 'set: cannot read image a.png: truncated: 12 bytes\nsecond line'
+    try:
+        raise data.UnreadableImage(message)
+    except data.UnreadableImage:
+        carried = ExceptionWrapper(where='in DataLoader worker process 0')
+    with pytest.raises(data.UnreadableImage) as raised:
+        carried.reraise()
+    assert 'Original Traceback' in super(data.UnreadableImage, raised.value).__str__()
+    assert str(raised.value) == message and str(data.UnreadableImage(message)) == message
+
+
 def test_next_readable_is_where_the_pool_finds_an_image():
     generator = torch.Generator().manual_seed(0)
     for n in (1, 2, 7, 50):
@@ -191,10 +205,16 @@ def test_in_memory_pool_stops_where_streaming_would(tmp_path):
         open(path, 'w').write('not an image')
     random_image(8, 8).save(paths[100])
     pool = data.UnlabeledPool([pools.ListPool(paths)], data.Decode(8))
-    with pytest.raises(RuntimeError, match='100 unreadable images in a row .*0.png'):
+    first = '100 unreadable images in a row in the unlabeled pool, from ' + re.escape(paths[0]) + '$'
+    with pytest.raises(RuntimeError, match=first):
         pool[0]
-    with pytest.raises(RuntimeError, match='100 unreadable images in a row .*0.png'):
+    with pytest.raises(RuntimeError, match=first):
         data.in_memory(pool, workers=0)
+    pool = data.UnlabeledPool([pools.ListPool(paths[1:])], data.Decode(8))  # 99 in a row: each finds the last one
+    kept = data.in_memory(pool, workers=0)
+    assert kept.unreadable == 99 and kept.columns[1].tolist() == [99] * 100
+    assert [pool[i][1:] for i in (0, 98, 99)] == [(99, 99), (99, 1), (99, 0)]
+    assert kept.columns[2].tolist() == [99 - i for i in range(100)]
     with pytest.raises(RuntimeError, match='no readable image'):
         data.in_memory(data.UnlabeledPool([pools.ListPool(paths[:3])], data.Decode(8)), workers=0)
 
@@ -439,10 +459,10 @@ class CoresSeen(torch.utils.data.Dataset):
 @pytest.mark.skipif(not hasattr(os, 'sched_getaffinity') or len(os.sched_getaffinity(0)) < 2,
                     reason='needs a process that may run on 2 cores or more')
 @pytest.mark.filterwarnings('ignore:This DataLoader will create')  # torch counts the cores of the bound thread
-def test_loader_workers_run_on_all_the_cores_whatever_the_training_thread_is_bound_to():
+def test_loader_workers_take_back_the_cores_the_process_had_at_import():
     cores = os.sched_getaffinity(0)
     assert data.CORES == cores
-    os.sched_setaffinity(0, {min(cores)})  # as OMP_PROC_BIND or GOMP_CPU_AFFINITY bind it; its children inherit that
+    os.sched_setaffinity(0, {min(cores)})  # a runtime binds the training thread; forked children inherit that
     try:
         seen = [int(n) for n in data.loader(CoresSeen(), 1, workers=2)]
     finally:

@@ -169,3 +169,16 @@ def test_code_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the payload is real: an unsafe load does run it
     assert marker.exists()
+
+
+def test_a_checkpoint_state_that_does_not_fit_the_run_is_one_line(runs, faces):
+    """A per-image or per-class state of another size (another pool, other classes): one line, no traceback."""
+    tmp, _ = runs
+    checkpoint = load(tmp / 'a' / 'last.pt')
+    name, state = next((k, v) for k, v in checkpoint['threshold'].items() if torch.is_tensor(v) and v.ndim == 1)
+    checkpoint['threshold'][name] = torch.cat([state, state[:1]])
+    torch.save(checkpoint, tmp / 'other.pt')
+    result = train(command(faces, tmp / 'c', '--resume', str(tmp / 'other.pt'), '--steps', '12'), tmp, check=False)
+    stderr = result.stderr.strip()
+    assert result.returncode != 0 and 'Traceback' not in stderr and len(stderr.splitlines()) == 1, stderr
+    assert stderr.startswith('train.py: error: --resume: the threshold in') and 'does not fit this run' in stderr
