@@ -234,7 +234,7 @@ if semi:
 
 # -----------------------------------------------------------------------------
 # model, weight EMA, optimizer, schedule, threshold
-# channels_last: faster convolutions on GPUs, and on the CPU too (tools/bench.py: the contiguous step takes 1.04-1.23x
+# channels_last: faster convolutions on GPUs, and on the CPU too (tools/bench.py: the contiguous step takes 1.04-1.24x
 # as long at 48 px on 2 cores)
 memory_format = torch.channels_last
 model = model.to(memory_format=memory_format)
