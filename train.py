@@ -112,20 +112,20 @@ sys.excepthook = report_unreadable_images
 # -----------------------------------------------------------------------------
 # every value is checked here, before any work starts
 if args.resume:
-    path = os.path.join(args.out, 'last.pt') if args.resume == 'last' else args.resume
-    if not os.path.isfile(path):
-        fail(f'--resume: no checkpoint {path}')
+    resume_path = os.path.join(args.out, 'last.pt') if args.resume == 'last' else args.resume
+    if not os.path.isfile(resume_path):
+        fail(f'--resume: no checkpoint {resume_path}')
     try:
-        checkpoint = load_file(path)
+        checkpoint = load_file(resume_path)
     except ValueError as error:
         fail(f'--resume: {error}')
     if not isinstance(checkpoint, dict) or not {'config', 'step', 'model'} <= checkpoint.keys():
-        fail(f'--resume: {path} is not a train.py checkpoint (no config, step and model in it)')
+        fail(f'--resume: {resume_path} is not a train.py checkpoint (no config, step and model in it)')
     saved_config = checkpoint['config']
     # a setting the checkpoint's train.py did not have was off in that run: its default, not this command's
     vars(args).update({k: saved_config.get(k, parser.get_default(k)) for k in vars(args) if k not in OPERATIONAL})
     if checkpoint['step'] >= args.steps:
-        fail(f'--steps: {path} is at step {checkpoint["step"]}; pass --steps above it to train on')
+        fail(f'--steps: {resume_path} is at step {checkpoint["step"]}; pass --steps above it to train on')
 for flag, ok, need in [
         ('--steps', args.steps >= 1, 'at least 1'), ('--batch-size', args.batch_size >= 1, 'at least 1'),
         ('--mu', args.mu >= 1, 'at least 1'), ('--img-size', args.img_size >= 16, 'at least 16'),
@@ -173,8 +173,9 @@ labeled_workers = args.workers if args.workers is not None else data.default_wor
 unlabeled_workers = args.workers if args.workers is not None else data.default_workers(cuda, unlabeled_share)
 idle_workers = max(labeled_workers, unlabeled_workers)  # decoding while no step runs: --in-memory, evaluation
 if master and idle_workers and data.CORES and len(data.CORES) == 1 < (os.cpu_count() or 1):
+    binding = [name for name in ('OMP_PROC_BIND', 'GOMP_CPU_AFFINITY') if name in os.environ]
     print(f'warning: this process may run on 1 of the {os.cpu_count()} cores, and so may its loader workers, all on '
-          'that one: unset OMP_PROC_BIND and GOMP_CPU_AFFINITY, or give taskset more cores', file=sys.stderr)
+          f'that one: {"unset " + " and ".join(binding) if binding else "give it more cores"}', file=sys.stderr)
 torch.manual_seed(args.seed)  # the initial weights; the data streams and views have generators of their own
 
 # -----------------------------------------------------------------------------
@@ -234,8 +235,8 @@ if semi:
 
 # -----------------------------------------------------------------------------
 # model, weight EMA, optimizer, schedule, threshold
-# channels_last: faster convolutions on GPUs, and on the CPU too (tools/bench.py: the contiguous step takes 1.04-1.24x
-# as long at 48 px on 2 cores)
+# channels_last: faster convolutions on GPUs, and on the CPU too (tools/bench.py: the contiguous step takes 1.24x as
+# long at 48 px on 2 cores, results/bench/cpu-2core.json)
 memory_format = torch.channels_last
 model = model.to(memory_format=memory_format)
 ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # eval mode: BN uses its running statistics
@@ -258,7 +259,8 @@ if args.resume:
         try:
             part.load_state_dict(checkpoint[name])
         except (RuntimeError, ValueError, KeyError) as error:  # e.g. a per-image state for a pool of another size
-            fail(f'--resume: the {name} in {path} does not fit this run: {str(error).splitlines()[0]}')
+            why = ' '.join(str(error).split())[:400]  # torch's message names the tensors and their shapes
+            fail(f'--resume: the {name} in {resume_path} does not fit this run: {why}')
     if checkpoint['scaler']:  # empty when saved without fp16 (CPU, bf16)
         scaler.load_state_dict(checkpoint['scaler'])
     best_f1, best_metrics = checkpoint['best_f1'], checkpoint['best_metrics']

@@ -462,7 +462,10 @@ class CoresSeen(torch.utils.data.Dataset):
 def test_loader_workers_take_back_the_cores_the_process_had_at_import():
     cores = os.sched_getaffinity(0)
     assert data.CORES == cores
-    os.sched_setaffinity(0, {min(cores)})  # a runtime binds the training thread; forked children inherit that
+    try:
+        os.sched_setaffinity(0, {min(cores)})  # a runtime binds the training thread; forked children inherit that
+    except OSError:
+        pytest.skip('this process may not set its CPU affinity')
     try:
         seen = [int(n) for n in data.loader(CoresSeen(), 1, workers=2)]
     finally:

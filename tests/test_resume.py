@@ -181,4 +181,5 @@ def test_a_checkpoint_state_that_does_not_fit_the_run_is_one_line(runs, faces):
     result = train(command(faces, tmp / 'c', '--resume', str(tmp / 'other.pt'), '--steps', '12'), tmp, check=False)
     stderr = result.stderr.strip()
     assert result.returncode != 0 and 'Traceback' not in stderr and len(stderr.splitlines()) == 1, stderr
-    assert stderr.startswith('train.py: error: --resume: the threshold in') and 'does not fit this run' in stderr
+    assert stderr.startswith(f'train.py: error: --resume: the threshold in {tmp / "other.pt"} does not fit this run')
+    assert name in stderr, stderr  # which tensor
