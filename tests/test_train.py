@@ -186,7 +186,8 @@ def test_in_memory_pool_keeps_its_true_labels_past_an_unreadable_file(tmp_path):
     assert len(trains) == 3 and all(sum(r['labeled']) == sum(r['predicted']) == 2 * 8 for r in trains)
 
 
-UNBOUND = {k: v for k, v in ENV.items() if k not in ('OMP_PROC_BIND', 'OMP_PLACES', 'GOMP_CPU_AFFINITY', 'KMP_AFFINITY')}
+BINDINGS = ('OMP_PROC_BIND', 'OMP_PLACES', 'GOMP_CPU_AFFINITY', 'KMP_AFFINITY')
+UNBOUND = {k: v for k, v in ENV.items() if k not in BINDINGS}
 
 
 def cores_after_import_torch(**env):

@@ -50,7 +50,8 @@ parser.add_argument('--repeats', type=int, default=3, help='interleaved repeats 
 parser.add_argument('--steps', type=int, help='timed steps per repeat (default 20 on CUDA, 2 on the CPU)')
 parser.add_argument('--images', type=int, default=200, help='image files drawn per size')
 parser.add_argument('--jpeg', help='a folder of 112 px JPEG faces (e.g. lfw112) to use instead of drawn ones')
-parser.add_argument('--workers', type=int, help='processes per loader (default: as train.py, the cores split by images)')
+parser.add_argument('--workers', type=int, help='processes per loader (default: as train.py, the cores split by '
+                    'images)')
 parser.add_argument('--threads', type=int, help="the step's CPU threads (default: torch's, as in train.py)")
 parser.add_argument('--compile', action='store_true', help='torch.compile the model')
 parser.add_argument('--json', action='store_true')
@@ -60,7 +61,8 @@ if args.quick:
     args.batch_size, args.mu, args.sizes, args.repeats, args.steps, args.images = 2, 2, [32], 2, 1, 16
 cuda = torch.cuda.is_available()
 workers = dict(labeled=args.workers, unlabeled=args.workers) if args.workers is not None else dict(  # as train.py
-    labeled=data.default_workers(cuda, 1 / (1 + args.mu)), unlabeled=data.default_workers(cuda, args.mu / (1 + args.mu)))
+    labeled=data.default_workers(cuda, 1 / (1 + args.mu)),
+    unlabeled=data.default_workers(cuda, args.mu / (1 + args.mu)))
 B, U, device, steps = args.batch_size, args.mu * args.batch_size, 'cuda' if cuda else 'cpu', args.steps or 2 + 18 * cuda
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
@@ -91,8 +93,8 @@ def compare(*fns, n=1):
 def commit():
     """The checkout's commit (with '-dirty' if files changed since), or None outside git."""
     try:
-        return subprocess.run(['git', 'describe', '--always', '--dirty', '--exclude', '*'], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        return subprocess.run(['git', 'describe', '--always', '--dirty', '--exclude', '*'], capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     except OSError:  # no git
         return None
 
@@ -218,7 +220,8 @@ def first_batches(size):
 # -----------------------------------------------------------------------------
 # per size: the augmentation, batched on the device against per image and against the step; the steps on ready views
 results = dict(config=dict(device=torch.cuda.get_device_name() if cuda else f'cpu, {os.cpu_count()} cores',
-                           commit=commit(), kernel=platform.release(), threads=torch.get_num_threads(), load=round(os.getloadavg()[0], 1),
+                           commit=commit(), kernel=platform.release(), threads=torch.get_num_threads(),
+                           load=round(os.getloadavg()[0], 1),
                            torch=torch.__version__, arch=args.arch, batch_size=B, mu=args.mu, workers=workers,
                            compile=args.compile),
                sizes={}, end_to_end={})
