@@ -550,7 +550,7 @@ def default_workers(cuda, share=1.0):
     share of the cores but one (the training process's), per process under torchrun, and at least 2."""
     if not cuda:
         return 2
-    cores = len(CORES or range(os.cpu_count() or 2)) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    cores = (len(CORES) if CORES else os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     return max(2, round((cores - 1) * share))
 
 
