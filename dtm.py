@@ -57,6 +57,10 @@ class FixedThreshold(nn.Module):
         mask = (confidence >= self.threshold()[pseudo]).float()
         return pseudo, mask
 
+    def extra_loss(self, logits_strong, mask):
+        """A threshold's own term of the loss, beside L_u: none for FixMatch and the DTM."""
+        return 0
+
 
 class DynamicThreshold(FixedThreshold):
     """DTM: T(c) = clip(kappa(c), T_min, T_max), kappa(c) = EMA of the mean confidence of predictions of class c;

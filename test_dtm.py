@@ -1,5 +1,5 @@
 """
-Tests of dtm.py: every threshold policy against values computed by hand from the equations in METHOD.md
+Tests of dtm.py: every threshold policy against values computed by hand from the equations in dtm.py
 (the arithmetic is written out in the comments), and the distributed synchronisation with two CPU processes.
 
     python -m pytest test_dtm.py

@@ -1,6 +1,7 @@
 """
 The thresholds the DTM is compared with (train.py --threshold flexmatch | freematch), as USB implements them
-(github.com/microsoft/Semi-supervised-learning), on dtm.py's interface: threshold(), update(), forward(probs, index).
+(github.com/microsoft/Semi-supervised-learning), on dtm.py's interface: threshold(), update(), forward(probs, index),
+extra_loss(logits_strong, mask).
 For an unlabeled batch with weak-view probabilities q_b: pseudo_b = argmax_c q_b(c), conf_b = max_c q_b(c).
 
 FlexMatch, semilearn/algorithms/flexmatch/utils.py (FlexMatchThresholdingHook.masking, then .update):
@@ -102,6 +103,10 @@ class FreeMatchThreshold(FixedThreshold):
             self.tau.clamp_(0.0, 0.95)
         self.p_model.copy_(self.p_model * m + (1 - m) * (probs_sum / count))
         self.label_hist.copy_(self.label_hist * m + (1 - m) * (hist / count))
+
+    def extra_loss(self, logits_strong, mask):
+        """FreeMatch's fairness term, weighted by ent_loss_ratio = 0.001."""
+        return 0.001 * fairness_loss(logits_strong, mask, self.p_model, self.label_hist)
 
 
 def fairness_loss(logits_strong, mask, p_model, label_hist):

@@ -1,9 +1,9 @@
 """
-The built-in data: procedurally drawn faces whose brows, eyes and mouth encode the expression through FACS action
-units (METHOD.md), with identity, pose, lighting, background, occlusion and intensity variation, an imbalanced
-small labeled set, a validation set of other people, and a larger unlabeled pool whose expression mix differs
-(mostly neutral and happy, like face-recognition photos). default_data() generates it once into data/faces in
-the ImageFolder layout, so the default run uses the same loading code as real data.
+The built-in data: procedurally drawn faces whose brows, eyes and mouth encode the expression through the action
+units of the Facial Action Coding System, with identity, pose, lighting, background, occlusion and intensity
+variation, an imbalanced small labeled set, a validation set of other people, and a larger unlabeled pool whose
+expression mix differs (mostly neutral and happy, like face-recognition photos). default_data() generates it once
+into data/faces in the ImageFolder layout, so the default run uses the same loading code as real data.
 """
 import os
 import random
@@ -147,7 +147,20 @@ def default_data(root='data/faces'):
     if not os.path.isdir(root):
         print(f'generating the built-in face-expression set into {root} (once) ...')
         generate_faces(root)
+    pool_labels(root)
     return root
+
+
+def pool_labels(root):
+    """ROOT/unlabeled_labels.csv, `file name,class` for every face of the unlabeled pool, written from the class
+    folders the generator drew them into: train.py logs how often its pseudo-labels are right, never trains on it."""
+    path = os.path.join(root, 'unlabeled_labels.csv')
+    if not os.path.exists(path):
+        rows = [f'{name},{c}\n' for c in CLASSES for name in sorted(os.listdir(os.path.join(root, 'unlabeled', c)))]
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(rows)
+        os.replace(path + '.tmp', path)
+    return path
 
 
 if __name__ == '__main__':

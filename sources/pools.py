@@ -50,13 +50,7 @@ def true_labels(sources, classes, labels_csv=None):
     `file name,class`, a header allowed) labels the images of folder pools by file name. Only for measuring how often
     pseudo-labels are right: training never sees them."""
     index = {canonical_class(name): i for i, name in enumerate(classes)}
-    by_name = {}
-    if labels_csv:
-        with open(labels_csv, newline='') as f:
-            for line, row in enumerate(csv.reader(f), 1):
-                if len(row) != 2:
-                    raise ValueError(f'{labels_csv}:{line}: expected "file name,class", got {",".join(row)!r}')
-                by_name[os.path.basename(row[0])] = index.get(canonical_class(row[1]), -1)
+    by_name = {name: index.get(canonical_class(label), -1) for name, label in read_pool_labels(labels_csv)}
     truth = []
     for source in sources:
         if getattr(source, 'labels', None) is not None:
@@ -67,6 +61,24 @@ def true_labels(sources, classes, labels_csv=None):
         else:
             truth += [-1] * len(source)
     return torch.tensor(truth) if any(t >= 0 for t in truth) else None
+
+
+def read_pool_labels(path, flag='--pool-labels'):
+    """[(file name, class name)] from a CSV of `file name,class` lines (none for no path). Whatever the bytes, what
+    cannot be read ends in one ValueError naming the flag, the file and the line."""
+    if not path:
+        return []
+    rows = []
+    try:
+        with open(path, newline='', errors='replace') as f:  # undecodable bytes fail as a malformed line
+            for line, row in enumerate(csv.reader(f), 1):
+                if len(row) != 2 or '\ufffd' in ''.join(row):
+                    shown = ','.join(row)[:60]
+                    raise ValueError(f'{flag}: {path}, line {line}: expected "file name,class" text, got {shown!r}')
+                rows.append((os.path.basename(row[0]), row[1]))
+    except csv.Error as error:  # a NUL byte, an unclosed quote
+        raise ValueError(f'{flag}: {path}, line {line + 1}: not a CSV of "file name,class" lines ({error})') from None
+    return rows
 
 
 INDEX_FILE, INDEX_VERSION = '.dtm_index.pt', 1

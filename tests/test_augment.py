@@ -13,6 +13,7 @@ import torch
 from torchvision.transforms import v2
 
 import data
+from fast.views import GpuAugment
 
 stats = pytest.importorskip('scipy.stats')  # scipy comes with scikit-learn
 
@@ -238,8 +239,8 @@ def test_every_image_through_every_operation_gives_the_same_views():
     images[:8, :, :20] = 255  # saturated bands: solarize, equalize's last bin, autocontrast's flat channels
     images[8:12] = 77  # flat images
     for seed in range(3):
-        every = data.Augment(48, every_image=True).unlabeled_views(images, seeded(seed))
-        own = data.Augment(48, every_image=False).unlabeled_views(images, seeded(seed))
+        every = GpuAugment(48).unlabeled_views(images, seeded(seed))
+        own = data.Augment(48).unlabeled_views(images, seeded(seed))
         assert all(torch.equal(a, b) for a, b in zip(every, own))
 
 
@@ -248,8 +249,8 @@ def test_gpu_views_replayed_as_cuda_graphs_without_host_sync():
     """On a GPU the views are captured as CUDA graphs: every call (warm-up, capture, replays with new parameters and
     new images) gives the views made without graphs and those made by slices, and once captured, making them never
     waits for the host, either way."""
-    graphed, plain = data.Augment(48, every_image=True), data.Augment(48, every_image=True, cuda_graphs=False)
-    by_slices = data.Augment(48, every_image=False)
+    graphed, plain = GpuAugment(48), GpuAugment(48, cuda_graphs=False)
+    by_slices = data.Augment(48)
     for seed in range(5):
         images = faces_like(32, 48, seed=seed).cuda()
         torch.cuda.synchronize()
@@ -271,14 +272,15 @@ def test_cuda_graphs_captured_while_loader_workers_feed_the_batches(tmp_path):
     """The views' graphs are captured while loader workers stream batches to the GPU, as in train.py: the batches'
     pinning must not break a capture."""
     from PIL import Image
+    from fast import loading
     from sources import pools
     paths = []
     for i, image in enumerate(faces_like(40, 48)):
         paths.append(str(tmp_path / f'{i}.png'))
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
     pool = data.UnlabeledPool([pools.ListPool(paths)], data.Decode(48))
-    stream = data.batches(pool, 16, data.InfiniteSampler(len(pool), 0), 2, 'cuda')
-    augment, plain = data.Augment(48), data.Augment(48, cuda_graphs=False)
+    stream = loading.batches(pool, 16, data.InfiniteSampler(len(pool), 0), 2, 'cuda')
+    augment, plain = GpuAugment(48), GpuAugment(48, cuda_graphs=False)
     for step in range(6):
         images, _, _ = next(stream)
         got = augment.unlabeled_views(images, seeded(step))
@@ -291,9 +293,34 @@ def test_cuda_graphs_captured_while_loader_workers_feed_the_batches(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='no GPU')
 def test_gpu_views_are_the_cpu_views():
     """Parameters are drawn on the CPU: the same seed gives the same views on a GPU, within rounding."""
-    augment, images = data.Augment(112), faces_like(64, 112)
+    augment, images = GpuAugment(112), faces_like(64, 112)
     cpu = augment.unlabeled_views(images, seeded(3))
     gpu = augment.unlabeled_views(images.cuda(), seeded(3))
     for a, b in zip(cpu, gpu):
         difference = (a - b.cpu()).abs()
         assert difference.max() <= 2 / 255 + 1e-6 or (difference > 1e-6).float().mean() < 0.005
+
+
+@pytest.mark.parametrize('make', [data.Augment, lambda size: GpuAugment(size, cuda_graphs=False)], ids=['plain', 'gpu'])
+def test_strong_view_is_weak_view_then_two_operations_then_cutout(make):
+    """The views as the method composes them, image by image with torchvision as the reference: the weak view is
+    hflip + reflect-padded crop; the strong view is another such view, then the image's two drawn RandAugment
+    operations, normalised, then its Cutout box erased to 0."""
+    size, n = 48, 48
+    augment, images = make(size), faces_like(n, size, seed=5)
+    weak_view, strong_view = augment.unlabeled_views(images, seeded(11))
+    weak, strong, rounds, box = augment.draw_unlabeled(n, seeded(11))  # the same generator: the same draws
+
+    def weak_reference(image, flip, top, left):
+        image = v2.functional.horizontal_flip(image) if flip else image
+        padded = v2.functional.pad(image, [augment.pad] * 4, padding_mode='reflect')
+        return v2.functional.crop(padded, int(top), int(left), size, size)
+    for i in range(n):
+        assert torch.equal(weak_view[i], data.normalize(weak_reference(images[i], *weak[i].tolist())[None])[0]), i
+        expected = weak_reference(images[i], *strong[i].tolist())
+        for op, magnitude in rounds:
+            expected = torchvision_op(expected, augment.names[op[i]], magnitude[i].item())
+        top, left, h, w = box[i].long().tolist()
+        expected = v2.functional.erase(data.normalize(expected[None])[0], top, left, h, w, torch.tensor(0.0))
+        off = (strong_view[i] - expected).abs() > 2 / 255 + 1e-6  # within rounding: a unit of 255 either way
+        assert off.float().mean() < 0.01, (i, [augment.names[op[i]] for op, _ in rounds], off.float().mean())

@@ -30,7 +30,7 @@ def test_quick_run_prints_every_figure():
     (size, figures), = results['sizes'].items()
     assert size == '32'
     assert set(figures) == {'aug_batched_us', 'aug_every_image', 'aug_every_image_us', 'aug_every_image_no_graphs_us',
-                            'aug_sorted_us', 'aug_per_image_us', 'aug_speedup', 'decode_us', 'aug_of_step_s',
+                            'aug_plain_us', 'aug_per_image_us', 'aug_speedup', 'decode_us', 'aug_of_step_s',
                             'aug_fraction', 'step_ours_s', 'step_plain_teacher_s', 'step_concatenated_s', 'step_ratio'}
     assert figures.pop('aug_every_image') is False  # on the CPU each operation runs on its own images
     assert all(positive(figures[key]) for key in figures)

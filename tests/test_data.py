@@ -16,6 +16,7 @@ import torchvision
 from PIL import Image
 
 import data
+from fast import loading
 from sources import faces, formats, pools
 from model import ARCHS, build_model, load_backbone
 
@@ -158,7 +159,7 @@ def folder(tmp_path):
 def test_in_memory_labeled_set_is_the_decoded_set(folder):
     labeled = data.load_labeled(str(folder), 'train', 'imagefolder')
     labeled.decode = data.Decode(48)
-    kept = data.in_memory(labeled, workers=2)
+    kept = loading.in_memory(labeled, workers=2)
     assert kept.images.shape == (6, 3, 48, 48) and kept.images.dtype == torch.uint8 and kept.unreadable == 0
     assert torch.equal(kept.images, torch.stack([labeled[i][0] for i in range(6)]))
     assert kept.labels == labeled.labels and kept.classes == labeled.classes and len(kept) == 6
@@ -169,9 +170,9 @@ def test_in_memory_labeled_set_is_the_decoded_set(folder):
 def test_in_memory_by_default_on_a_gpu_when_a_quarter_of_its_free_memory_holds_the_set(monkeypatch):
     free = 4 * 1000 * 3 * 48 * 48  # bytes: a quarter of it holds 1000 images at 48 px
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device: (free, 2 * free))
-    assert data.worth_keeping(1000, 48, 'cuda:0') and data.worth_keeping(1000, 48, torch.device('cuda', 0))
-    assert not data.worth_keeping(1001, 48, 'cuda:0') and not data.worth_keeping(1000, 49, 'cuda:0')
-    assert not data.worth_keeping(10, 48, 'cpu')  # on the CPU the workers keep up: streaming saves the memory
+    assert loading.worth_keeping(1000, 48, 'cuda:0') and loading.worth_keeping(1000, 48, torch.device('cuda', 0))
+    assert not loading.worth_keeping(1001, 48, 'cuda:0') and not loading.worth_keeping(1000, 49, 'cuda:0')
+    assert not loading.worth_keeping(10, 48, 'cpu')  # on the CPU the workers keep up: streaming saves the memory
 
 
 def test_unreadable_image_raised_in_a_loader_worker_reads_as_its_message():
@@ -194,8 +195,8 @@ def test_next_readable_is_where_the_pool_finds_an_image():
             readable = torch.rand(n, generator=generator) < 0.4
             readable[torch.randint(n, (), generator=generator)] = True  # at least one
             expected = [next((i + k) % n for k in range(n) if readable[(i + k) % n]) for i in range(n)]
-            assert data.next_readable(readable).tolist() == expected
-    assert data.next_readable(torch.tensor([False, True, False, False])).tolist() == [1, 1, 1, 1]  # past the end
+            assert loading.next_readable(readable).tolist() == expected
+    assert loading.next_readable(torch.tensor([False, True, False, False])).tolist() == [1, 1, 1, 1]  # past the end
 
 
 def test_in_memory_pool_stops_where_streaming_would(tmp_path):
@@ -209,14 +210,14 @@ def test_in_memory_pool_stops_where_streaming_would(tmp_path):
     with pytest.raises(RuntimeError, match=first):
         pool[0]
     with pytest.raises(RuntimeError, match=first):
-        data.in_memory(pool, workers=0)
+        loading.in_memory(pool, workers=0)
     pool = data.UnlabeledPool([pools.ListPool(paths[1:])], data.Decode(8))  # 99 in a row: each finds the last one
-    kept = data.in_memory(pool, workers=0)
+    kept = loading.in_memory(pool, workers=0)
     assert kept.unreadable == 99 and kept.columns[1].tolist() == [99] * 100
     assert [pool[i][1:] for i in (0, 98, 99)] == [(99, 99), (99, 1), (99, 0)]
     assert kept.columns[2].tolist() == [99 - i for i in range(100)]
     with pytest.raises(RuntimeError, match='no readable image'):
-        data.in_memory(data.UnlabeledPool([pools.ListPool(paths[:3])], data.Decode(8)), workers=0)
+        loading.in_memory(data.UnlabeledPool([pools.ListPool(paths[:3])], data.Decode(8)), workers=0)
 
 
 def pool_of(tmp_path, n):
@@ -230,11 +231,11 @@ def pool_of(tmp_path, n):
 def test_batches_stream_in_sampler_order_whatever_the_workers_or_memory(tmp_path):
     """The same sampler gives the same batches streamed through 0 or 2 workers or from the decoded tensor."""
     pool = pool_of(tmp_path, 10)
-    kept = data.in_memory(pool, workers=0)
+    kept = loading.in_memory(pool, workers=0)
     assert len(kept) == 10 and torch.equal(kept.columns[1], torch.arange(10))
     found = {}
     for name, dataset, workers in (('main', pool, 0), ('workers', pool, 2), ('memory', kept, 0)):
-        stream = data.batches(dataset, 4, data.InfiniteSampler(10, seed=1), workers, 'cpu')
+        stream = loading.batches(dataset, 4, data.InfiniteSampler(10, seed=1), workers, 'cpu')
         found[name] = [next(stream) for _ in range(5)]  # 20 samples: two epochs
         stream.close()
     order = take(data.InfiniteSampler(10, seed=1), 20)
@@ -248,8 +249,8 @@ def test_batches_stream_in_sampler_order_whatever_the_workers_or_memory(tmp_path
 def test_batches_of_a_labeled_set(folder):
     labeled = data.load_labeled(str(folder), 'train', 'imagefolder')
     labeled.decode = data.Decode(48)
-    for dataset in (labeled, data.in_memory(labeled, workers=0)):
-        images, labels = next(data.batches(dataset, 4, data.InfiniteSampler(6, seed=0), 0, 'cpu'))
+    for dataset in (labeled, loading.in_memory(labeled, workers=0)):
+        images, labels = next(loading.batches(dataset, 4, data.InfiniteSampler(6, seed=0), 0, 'cpu'))
         assert images.shape == (4, 3, 48, 48) and labels.dtype == torch.int64
         assert labels.tolist() == [labeled.labels[i] for i in take(data.InfiniteSampler(6, seed=0), 4)]
 
@@ -434,18 +435,18 @@ def test_load_backbone_from_a_train_checkpoint(tmp_path):
 
 def test_default_workers_split_the_cores_by_the_images_each_stream_decodes(monkeypatch):
     monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
-    monkeypatch.setattr(data, 'CORES', set(range(16)))
-    assert data.default_workers(cuda=False) == 2  # on the CPU the workers compete with the step
-    assert data.default_workers(cuda=True) == 15  # one stream: every core but the training process's
-    assert data.default_workers(cuda=True, share=1 / 8) == 2  # mu = 7: the labeled stream decodes 1 image in 8 ...
-    assert data.default_workers(cuda=True, share=7 / 8) == 13  # ... the unlabeled one the other 7
+    monkeypatch.setattr(loading, 'CORES', set(range(16)))
+    assert loading.default_workers(cuda=False) == 2  # on the CPU the workers compete with the step
+    assert loading.default_workers(cuda=True) == 15  # one stream: every core but the training process's
+    assert loading.default_workers(cuda=True, share=1 / 8) == 2  # mu = 7: the labeled stream decodes 1 image in 8 ...
+    assert loading.default_workers(cuda=True, share=7 / 8) == 13  # ... the unlabeled one the other 7
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')  # torchrun, 4 processes on the host: each gets its share
-    assert data.default_workers(cuda=True) == 3
-    monkeypatch.setattr(data, 'CORES', set(range(64)))
-    assert data.default_workers(cuda=True, share=7 / 8) == 13
+    assert loading.default_workers(cuda=True) == 3
+    monkeypatch.setattr(loading, 'CORES', set(range(64)))
+    assert loading.default_workers(cuda=True, share=7 / 8) == 13
     monkeypatch.delenv('LOCAL_WORLD_SIZE')
-    monkeypatch.setattr(data, 'CORES', {0, 1})
-    assert data.default_workers(cuda=True, share=1 / 8) == 2  # never fewer than the CPU default
+    monkeypatch.setattr(loading, 'CORES', {0, 1})
+    assert loading.default_workers(cuda=True, share=1 / 8) == 2  # never fewer than the CPU default
 
 
 class CoresSeen(torch.utils.data.Dataset):
@@ -461,13 +462,13 @@ class CoresSeen(torch.utils.data.Dataset):
 @pytest.mark.filterwarnings('ignore:This DataLoader will create')  # torch counts the cores of the bound thread
 def test_loader_workers_take_back_the_cores_the_process_had_at_import():
     cores = os.sched_getaffinity(0)
-    assert data.CORES == cores
+    assert loading.CORES == cores
     try:
         os.sched_setaffinity(0, {min(cores)})  # a runtime binds the training thread; forked children inherit that
     except OSError:
         pytest.skip('this process may not set its CPU affinity')
     try:
-        seen = [int(n) for n in data.loader(CoresSeen(), 1, workers=2)]
+        seen = [int(n) for n in loading.loader(CoresSeen(), 1, workers=2)]
     finally:
         os.sched_setaffinity(0, cores)
     assert seen == [len(cores)] * 4

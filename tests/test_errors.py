@@ -36,6 +36,10 @@ CASES = {
     'resume_image': (('--resume', '{tmp}/face.png'), ('--resume', '{tmp}/face.png'), None),
     'resume_missing': (('--resume', '{tmp}/no_such.pt'), ('--resume', '{tmp}/no_such.pt'), None),
     'out_is_a_file': (('--out', '{tmp}/notes.txt'), ('--out', '{tmp}/notes.txt'), None),
+    # a pool-labels file whatever its bytes: the line names the flag and the file together
+    'pool_labels_image': (('--pool-labels', '{tmp}/face.png'), ('--pool-labels: {tmp}/face.png',), None),
+    'pool_labels_latin1': (('--pool-labels', '{tmp}/latin1.csv'), ('--pool-labels: {tmp}/latin1.csv, line 2',), None),
+    'pool_labels_one_field': (('--pool-labels', '{tmp}/notes.txt'), ('--pool-labels: {tmp}/notes.txt, line 1',), None),
     # met while training (in a loader worker) or while decoding the set into memory
     'labeled_image_unreadable': (('--data', '{tmp}/bad_faces', '--workers', '2', '--steps', '10'),  # every image
                                  ('{tmp}/bad_faces/train/Anger/bad.png',), None),
@@ -64,6 +68,7 @@ def failures(tmp_path_factory):
     os.makedirs(tmp / 'empty')
     (tmp / 'notes.txt').write_text('These are not weights: the run used lr 0.03 and 500 steps.\n')
     (tmp / 'empty.pt').write_bytes(b'')
+    (tmp / 'latin1.csv').write_bytes(b'train_00001.png,Happiness\nl\xe4chelnd_00002.png,Happiness\n')
     image = next(os.path.join(d, f) for d, _, files in sorted(os.walk(os.path.join(faces, 'train'))) for f in files)
     shutil.copyfile(image, tmp / 'face.png')
     torch.save(dict(model=RunsCode(tmp / 'pwned')), tmp / 'code.pt')

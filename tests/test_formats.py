@@ -14,6 +14,7 @@ from PIL import Image
 
 import data
 from sources import formats
+from tools import inspect_data
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 EXPR_HEADER = 'Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other'
@@ -289,7 +290,7 @@ def test_to_rgb_modes(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# python data.py PATH ... --json
+# python tools/inspect_data.py PATH ... --json
 
 
 def test_inspect_cli(tmp_path):
@@ -298,7 +299,7 @@ def test_inspect_cli(tmp_path):
     image(str(tmp_path / 'pool' / 'a' / '1.jpg'))
     image(str(tmp_path / 'pool' / '2.jpg'))
     paths = [str(tmp_path / p) for p in ('aff', 'raf', 'pool', 'missing')]
-    result = subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), *paths, '--json'], capture_output=True,
+    result = subprocess.run([sys.executable, os.path.join(HERE, 'tools', 'inspect_data.py'), *paths, '--json'], capture_output=True,
                             text=True, timeout=60, cwd=tmp_path)
     aff, raf, pool, missing = json.loads(result.stdout)
     assert aff['format'] == 'affwild2' and aff['splits']['train']['images'] == 7
@@ -309,5 +310,5 @@ def test_inspect_cli(tmp_path):
     assert pool == dict(path=paths[2], format='unlabeled', images=2, checked=True, readable=2, unreadable={}, examples={})
     assert missing == dict(path=paths[3], error=f'{paths[3]}: no such file or folder')
     assert result.returncode == 1  # a path that could not be read
-    text = data.describe_text(aff)
+    text = inspect_data.describe_text(aff)
     assert text.startswith(f'{paths[0]}: affwild2\n  train: 7 images from ') and 'skipped 1: label -1 (ignore)' in text

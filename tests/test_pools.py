@@ -13,7 +13,9 @@ import torch
 from PIL import Image, ImageChops
 
 import data
+from fast import loading
 from sources import pools
+from tools import inspect_data
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -225,7 +227,7 @@ def test_unlabeled_pool_skips_bad_files(tmp_path, monkeypatch, capsys):
     images, index, skipped = next(iter(loader))
     assert sorted(index.tolist()) == [1, 1, 2, 4, 4, 6, 6, 8, 8] and skipped.sum() == 4
     # decoded once into memory: the same items, each bad file replaced by the next good one, and counted
-    kept = data.in_memory(pool, workers=2)
+    kept = loading.in_memory(pool, workers=2)
     assert len(kept) == len(pool) and kept.unreadable == 4
     for i in range(len(pool)):
         image, index, skipped = kept[i]
@@ -237,26 +239,62 @@ def test_unlabeled_pool_skips_bad_files(tmp_path, monkeypatch, capsys):
 
 
 def test_describe_reads_a_small_pool_in_full(tmp_path, monkeypatch, capsys):
-    """python data.py POOL: how many files open as images, and why the others do not, counted by reason."""
+    """python tools/inspect_data.py POOL: how many files open as images, and why the others do not, counted by reason."""
     folder = tmp_path / 'faces'
     os.makedirs(folder)
     for k in range(3):
         Image.new('RGB', (8, 8), (k, 0, 0)).save(folder / f'{k}_good.png')
     for k in range(2):
         (folder / f'{k}_text.png').write_text(f'not a picture, number {k}')
-    found = data.describe(str(folder), workers=2)
+    found = inspect_data.describe(str(folder), workers=2)
     assert found['images'] == 5 and found['checked'] and found['readable'] == 3
     (reason, count), = found['unreadable'].items()
     assert count == 2 and 'cannot identify image file' in reason and found['examples'][reason].endswith('_text.png')
-    text = data.describe_text(found)
+    text = inspect_data.describe_text(found)
     assert '5 images; all read: 3 open as images, 2 do not' in text and f'2: {reason}' in text
-    monkeypatch.setattr(data, 'CHECK_UP_TO', 4)  # a larger pool: counted, not read, unless asked
-    found = data.describe(str(folder))
-    assert not found['checked'] and 'readable' not in found and 'not read' in data.describe_text(found)
-    assert data.describe(str(folder), check_all=True)['readable'] == 3
+    monkeypatch.setattr(inspect_data, 'CHECK_UP_TO', 4)  # a larger pool: counted, not read, unless asked
+    found = inspect_data.describe(str(folder))
+    assert not found['checked'] and 'readable' not in found and 'not read' in inspect_data.describe_text(found)
+    assert inspect_data.describe(str(folder), check_all=True)['readable'] == 3
     capsys.readouterr()
-    monkeypatch.setattr(sys, 'argv', ['data.py', str(tmp_path / 'none')])  # a bad path: one line, exit status 1
+    monkeypatch.setattr(sys, 'argv', ['inspect_data.py', str(tmp_path / 'none')])  # a bad path: one line, exit status 1
     with pytest.raises(SystemExit) as exit:
-        runpy.run_path(os.path.join(ROOT, 'data.py'), run_name='__main__')
+        runpy.run_path(os.path.join(ROOT, 'tools', 'inspect_data.py'), run_name='__main__')
     out, err = capsys.readouterr()
     assert exit.value.code == 1 and out == '' and err.splitlines() == [f'{tmp_path / "none"}: no such file or folder']
+
+
+def test_jpeg_bytes_decoded_in_the_training_process_match_pil(tmp_path):
+    """fast/gpu_decode.py's path, here on the CPU: workers read bytes, the batch is decoded at once
+    (torchvision.io.decode_jpeg) and sized as data.Decode sizes a PIL image. The same items as the pool's own reading,
+    the same images within rounding; a PNG, a grey JPEG and a damaged JPEG (replaced by the next readable image,
+    counted) included."""
+    from fast import gpu_decode
+    folder = tmp_path / 'pool'
+    os.makedirs(folder)
+    generator = torch.Generator().manual_seed(0)
+    for k in range(10):
+        size = (40, 40) if k % 2 else (64, 48)
+        noise = torch.randint(0, 256, (size[1] // 8, size[0] // 8, 3), generator=generator).to(torch.uint8).numpy()
+        image = Image.fromarray(noise).resize(size, Image.BILINEAR)  # smooth: JPEG's rounding stays small
+        if k == 3:
+            image = image.convert('L')
+        image.save(folder / (f'{k:02d}.png' if k == 5 else f'{k:02d}.jpg'), quality=90)
+    (folder / '07.jpg').write_bytes(gpu_decode.JPEG_START + b'\x00 not the rest of a JPEG')
+    for grey in (False, True):
+        pool = data.UnlabeledPool([pools.open_pool(str(folder))], data.Decode(32, grey=grey))
+        by_bytes = gpu_decode.PoolBytes(pool)
+        assert sum(by_bytes[i][0].dim() == 1 for i in range(len(pool))) == 9  # the PNG comes decoded
+        images, index, skipped = gpu_decode.decode_batch([by_bytes[i] for i in range(len(pool))], pool, 'cpu')
+        expected = [pool[i] for i in range(len(pool))]
+        assert index.tolist() == [e[1] for e in expected] and skipped.tolist() == [e[2] for e in expected]
+        assert skipped.tolist()[7] == 1 and index.tolist()[7] == 8
+        for k, (image, _, _) in enumerate(expected):
+            difference = (images[k].int() - image.int()).abs()
+            assert images[k].shape == (3, 32, 32) and difference.float().mean() < 1 and difference.max() <= 8, k
+        streamed = next(loading.batches(by_bytes, 5, data.InfiniteSampler(len(pool), seed=0), 2, 'cpu'))
+        assert streamed[1].tolist() == [expected[i][1] for i in take_sampler(len(pool), 5)]
+
+
+def take_sampler(size, n):
+    return [i for _, i in zip(range(n), data.InfiniteSampler(size, seed=0))]

@@ -96,7 +96,10 @@ replace = os.replace
 def replace_and_keep(src, dst):
     replace(src, dst)
     if os.path.basename(dst) == 'last.pt':
-        shutil.copyfile(dst, dst[:-3] + '.' + str(sys._getframe(1).f_globals['step']) + '.pt')
+        frame = sys._getframe(1)
+        while 'step' not in frame.f_globals:  # up to train.py's module frame, whose step is saved
+            frame = frame.f_back
+        shutil.copyfile(dst, dst[:-3] + '.' + str(frame.f_globals['step']) + '.pt')
 os.replace = replace_and_keep
 commands, results = json.load(open(sys.argv[1])), {{}}
 for name, argv in commands.items():
@@ -394,7 +397,7 @@ def test_teacher_forward_replayed_as_a_cuda_graph_is_the_forward():
     """train.py replays the teacher's no-grad forward as a CUDA graph on one GPU: with the weights changing between
     steps (in place, as the optimizer changes them), each call gives the probabilities of the plain forward and moves
     the batch norm running statistics as it does."""
-    import data
+    from fast.cuda_graphs import CudaGraphs
     torch.manual_seed(0)
     graphed_model = build_model('resnet18', 7).cuda().to(memory_format=torch.channels_last)
     plain_model = build_model('resnet18', 7).cuda().to(memory_format=torch.channels_last)
@@ -406,7 +409,7 @@ def test_teacher_forward_replayed_as_a_cuda_graph_is_the_forward():
             with torch.autocast('cuda', torch.bfloat16, cache_enabled=False):
                 return net(u_weak).float().softmax(dim=1)
         return probabilities
-    graphed = data.CudaGraphs(forward(graphed_model))
+    graphed = CudaGraphs(forward(graphed_model))
     for step in range(4):
         u_weak = torch.randn(24, 3, 48, 48, device='cuda').contiguous(memory_format=torch.channels_last)
         got, expected = graphed(u_weak).clone(), forward(plain_model)(u_weak)

@@ -9,6 +9,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from sources import faces
+from sources.faces import generate_faces
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 ENV = dict(os.environ, OMP_NUM_THREADS='2')
 
@@ -212,3 +215,24 @@ def test_a_process_bound_to_one_core_is_warned_of(tmp_path):
     assert all(r.returncode == 0 for r in results.values()), [r.stderr for r in results.values()]
     assert f'may run on 1 of the {os.cpu_count()} cores' in results['bound'].stderr
     assert 'unset OMP_PROC_BIND' in results['bound'].stderr and 'may run on' not in results['free'].stderr
+
+
+def test_the_built_in_pool_carries_its_true_labels(tmp_path):
+    """The generator's pool labels name every file of the pool with the class it was drawn as, and a default run
+    (no --data, no --pool-labels) logs and prints the precision of its pseudo-labels from them."""
+    root = str(tmp_path / 'data' / 'faces')
+    generate_faces(root, counts=(16, 8, 24), identities=(2, 2, 3))
+    with open(faces.pool_labels(root)) as f:
+        rows = [line.strip().split(',') for line in f]
+    on_disk = {(name, c) for c in faces.CLASSES for name in os.listdir(os.path.join(root, 'unlabeled', c))}
+    assert len(rows) == 24 and {tuple(r) for r in rows} == on_disk
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--steps', '3', '--log-every', '1',
+                             '--eval-every', '3', '--batch-size', '4', '--mu', '2', '--img-size', '32', '--workers',
+                             '0', '--dtm-min', '0', '--out', str(tmp_path / 'run')], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in open(tmp_path / 'run' / 'log.jsonl')]
+    trains = [r for r in records if r['event'] == 'train']
+    assert all(sum(r['labeled']) == sum(r['predicted']) == 8 for r in trains)  # every pool face has its class
+    assert sum(sum(r['accepted_labeled']) for r in trains) > 0
+    assert 'pseudo-labels over the run: precision' in result.stdout

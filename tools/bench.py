@@ -7,9 +7,9 @@ Speed of the data pipeline and of the training step, side by side in one run:
   step          the training step as train.py runs it (the teacher's no-grad forward of the weak view, on a GPU
                 replayed as a CUDA graph, then one forward+backward on [labeled, strong]), the same with the teacher's
                 forward run plainly, and the common single forward+backward on [labeled, weak, strong]
-  end to end    per size, images/s of the whole step, augmentation included, fed by data.batches from image files
+  end to end    per size, images/s of the whole step, augmentation included, fed by loading.batches from image files
                 through loader workers (on a GPU also with the training process held to one CPU thread), from the
-                decoded set in memory (data.in_memory), and from pre-made uint8 batches; and the pace of the loader
+                decoded set in memory (loading.in_memory), and from pre-made uint8 batches; and the pace of the loader
                 workers alone, with no step beside them (loader_alone)
   channels_last the step with the model and its inputs in channels_last memory format against contiguous
 Each comparison interleaves its variants, repeats them and takes medians, so its ratios hold on a loaded machine;
@@ -37,6 +37,9 @@ from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))  # the project's modules
 import data
+from fast import loading
+from fast.cuda_graphs import CudaGraphs
+from fast.views import GpuAugment
 from sources import faces, formats, pools
 from dtm import DynamicThreshold
 from model import ARCHS, build_model
@@ -61,8 +64,8 @@ if args.quick:
     args.batch_size, args.mu, args.sizes, args.repeats, args.steps, args.images = 2, 2, [32], 2, 1, 16
 cuda = torch.cuda.is_available()
 workers = dict(labeled=args.workers, unlabeled=args.workers) if args.workers is not None else dict(  # as train.py
-    labeled=data.default_workers(cuda, 1 / (1 + args.mu)),
-    unlabeled=data.default_workers(cuda, args.mu / (1 + args.mu)))
+    labeled=loading.default_workers(cuda, 1 / (1 + args.mu)),
+    unlabeled=loading.default_workers(cuda, args.mu / (1 + args.mu)))
 B, U, device, steps = args.batch_size, args.mu * args.batch_size, 'cuda' if cuda else 'cpu', args.steps or 2 + 18 * cuda
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
@@ -162,7 +165,7 @@ def make_step(channels_last=True):
     def teacher_probabilities(weak):  # as train.py's
         with torch.autocast('cuda', amp_dtype, cache_enabled=False) if cuda else nullcontext():
             return net(weak).float().softmax(dim=1)
-    graphed_teacher = data.CudaGraphs(teacher_probabilities) if cuda and not args.compile else teacher_probabilities
+    graphed_teacher = CudaGraphs(teacher_probabilities) if cuda and not args.compile else teacher_probabilities
 
     def step(x, y, weak, strong, index, form='ours'):
         x, weak, strong = (t.contiguous(memory_format=memory_format) for t in (x, weak, strong))
@@ -183,6 +186,11 @@ def make_step(channels_last=True):
         scaler.update()
         torch._foreach_lerp_(ema, params, 0.001)
     return step
+
+
+def train_augment(size):
+    """The views as train.py makes them: fast/'s on a GPU, data.Augment's on the CPU."""
+    return GpuAugment(size) if cuda else data.Augment(size)
 
 
 def views(augment, generator, labeled, unlabeled):
@@ -207,14 +215,14 @@ class CoresSeen(torch.utils.data.Dataset):
 
 
 def worker_cores():
-    return int(next(iter(data.loader(CoresSeen(), 1, workers=1))))
+    return int(next(iter(loading.loader(CoresSeen(), 1, workers=1))))
 
 
 def first_batches(size):
     """One labeled and one unlabeled uint8 batch on the device, decoded from the files."""
     labeled, pool = datasets(size)
-    return (next(data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), 0, device)),
-            next(data.batches(pool, U, data.InfiniteSampler(len(pool), 1), 0, device)))
+    return (next(loading.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), 0, device)),
+            next(loading.batches(pool, U, data.InfiniteSampler(len(pool), 1), 0, device)))
 
 
 # -----------------------------------------------------------------------------
@@ -227,10 +235,10 @@ results = dict(config=dict(device=torch.cuda.get_device_name() if cuda else f'cp
                sizes={}, end_to_end={})
 step = make_step()
 for size in args.sizes:
-    augment, per_image = data.Augment(size), PerImage(size)  # augment: the way data.Augment chooses for the batch
-    ways = dict(every_image=data.Augment(size, every_image=True),  # on a GPU, replayed as CUDA graphs
-                every_image_no_graphs=data.Augment(size, every_image=True, cuda_graphs=False),
-                sorted=data.Augment(size, every_image=False))
+    augment, per_image = train_augment(size), PerImage(size)  # augment: the way train.py makes the views
+    ways = dict(every_image=GpuAugment(size),  # on a GPU, replayed as CUDA graphs
+                every_image_no_graphs=GpuAugment(size, cuda_graphs=False),
+                plain=data.Augment(size))  # each operation on the images that drew it
     generator = torch.Generator().manual_seed(0)
     labeled, unlabeled = first_batches(size)
     on_cpu = unlabeled[0].cpu()
@@ -252,7 +260,7 @@ for size in args.sizes:
         lambda: step(*ready), lambda: step(*ready, form='concatenated'), lambda: step(*ready, form='plain teacher'),
         lambda: views(augment, generator, labeled, unlabeled), n=steps)
     results['sizes'][size] = dict(
-        aug_batched_us=1e6 * batched_s / U, aug_every_image=augment.use_every_image(unlabeled[0]),
+        aug_batched_us=1e6 * batched_s / U, aug_every_image=cuda,
         **{f'aug_{name}_us': 1e6 * s / U for name, s in zip(ways, way_s)},
         aug_per_image_us=1e6 * per_image_s / U, aug_speedup=per_image_s / batched_s, decode_us=1e6 * decode_s,
         aug_of_step_s=aug_s, aug_fraction=1 / step_over_aug,
@@ -264,13 +272,13 @@ threads = torch.get_num_threads()
 for size in args.sizes:
     labeled, pool = datasets(size)
     most = max(workers.values())
-    labeled_kept, pool_kept = data.in_memory(labeled, most, device), data.in_memory(pool, most, device)
-    run = augmented_step(step, data.Augment(size), torch.Generator().manual_seed(0))
+    labeled_kept, pool_kept = loading.in_memory(labeled, most, device), loading.in_memory(pool, most, device)
+    run = augmented_step(step, train_augment(size), torch.Generator().manual_seed(0))
     premade = first_batches(size)
 
     def streams_of(labeled, pool, labeled_workers=0, pool_workers=0):  # the two streams, as train.py draws them
-        return [data.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), labeled_workers, device),
-                data.batches(pool, U, data.InfiniteSampler(len(pool), 1), pool_workers, device)]
+        return [loading.batches(labeled, B, data.InfiniteSampler(len(labeled), 0), labeled_workers, device),
+                loading.batches(pool, U, data.InfiniteSampler(len(pool), 1), pool_workers, device)]
     streams = dict(loader=lambda: streams_of(labeled, pool, *workers.values()),
                    loader_alone=lambda: streams_of(labeled, pool, *workers.values()),  # no step: the workers' pace
                    one_thread=lambda: streams_of(labeled, pool, *workers.values()),
@@ -302,7 +310,7 @@ for size in args.sizes:
 # channels_last against contiguous: the step at the first size, each format with a model of its own
 size = args.sizes[0]
 contiguous_step, channels_last_step = make_step(channels_last=False), make_step(channels_last=True)
-augment, generator = data.Augment(size), torch.Generator().manual_seed(0)
+augment, generator = train_augment(size), torch.Generator().manual_seed(0)
 ready = tuple(t.clone() for t in views(augment, generator, *first_batches(size)))
 timed(lambda: (contiguous_step(*ready), channels_last_step(*ready)), 3)  # warm-up (and the teacher's graphs)
 contiguous_s, channels_last_s, cl_ratio = compare(lambda: contiguous_step(*ready), lambda: channels_last_step(*ready),
