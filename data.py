@@ -5,9 +5,8 @@ and strong views of whole batches.
 Where the images come from is sources/ (formats.py: labeled sets as their owners ship them; pools.py: unlabeled
 faces; faces.py: the built-in faces; datasets.py: both as torch Datasets). Loader workers only read and decode
 (Decode); the step makes the views of each batch (Augment), every random parameter drawn per image from a generator
-the step seeds, so a resumed run makes the same views. On a GPU, fast/ makes the same views and streams the same
-batches, faster.
-    python tools/inspect_data.py PATH       what a dataset holds before you train on it
+the step seeds, so a resumed run makes the same views. On a GPU, fast/ makes the same views and batches, faster.
+`python tools/inspect_data.py PATH` shows what a dataset holds before you train on it.
 """
 import math
 

@@ -111,10 +111,10 @@ def sampler(dataset, seed, batch_size, weights=None):  # resumed: from the strea
 streams = [('labeled', train_set, B, sampler(train_set, args.seed, B, weights))]
 if semi:
     streams.append(('unlabeled', pool, U, sampler(pool, args.seed + 1, U)))
-if cuda or args.in_memory == 'yes':  # fast/: sets decoded once and kept, the cores split between the streams
+if cuda or args.in_memory == 'yes' or args.decode_on_device:  # fast/: sets kept decoded, the cores split
     from fast import loading
     batch_streams, feeds, workers = loading.streams(streams, args.workers, args.in_memory, args.img_size, args.mu,
-                                                    device)
+                                                    device, args.decode_on_device)
 else:  # each stream read and decoded by its own loader workers
     workers = 2 if args.workers is None else args.workers
     batch_streams = [data.batches(dataset, size, order, workers) for _, dataset, size, order in streams]

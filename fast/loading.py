@@ -171,10 +171,11 @@ def batches(dataset, batch_size, sampler, workers=2, device='cpu'):
 
 
 
-def streams(streams, workers, keep, img_size, mu, device):
+def streams(streams, workers, keep, img_size, mu, device, device_decode=False):
     """train.py's batch streams on a GPU, or with --in-memory yes: for streams [(name, dataset, batch size, sampler)],
     (their batch streams, where each is fed from: 'memory' or its workers, the workers for evaluation). Without
-    --workers a stream has its share of the cores by the images it decodes: 1 labeled to mu unlabeled."""
+    --workers a stream has its share of the cores by the images it decodes: 1 labeled to mu unlabeled. device_decode:
+    a streamed pool's JPEG files are decoded on the device, the workers only read their bytes (fast/gpu_decode.py)."""
     shares = dict(labeled=1 / (1 + mu), unlabeled=mu / (1 + mu)) if len(streams) > 1 else dict(labeled=1.0)
     cuda = torch.device(device).type == 'cuda'
     counts = {name: workers if workers is not None else default_workers(cuda, shares[name]) for name, *_ in streams}
@@ -184,5 +185,7 @@ def streams(streams, workers, keep, img_size, mu, device):
         if worth_keeping(len(dataset), img_size, device) if keep == 'auto' else keep == 'yes':
             dataset = in_memory(dataset, idle, device)
         feeds[name] = 'memory' if isinstance(dataset, InMemory) else counts[name]
+        if device_decode and isinstance(dataset, data.UnlabeledPool):
+            dataset = gpu_decode.PoolBytes(dataset)
         batch_streams.append(batches(dataset, batch_size, sampler, counts[name], device))
     return batch_streams, feeds, idle

@@ -348,3 +348,33 @@ def test_teacher_reports_pseudo_labels_under_both_normalisations(tmp_path):
         assert row == dict(rows[('live', statistics)], weights=weights)
     assert rows[('live', 'running')]['predicted_mix'] != rows[('live', 'own batch')]['predicted_mix'] or \
         rows[('live', 'running')]['mean_confidence'] != pytest.approx(rows[('live', 'own batch')]['mean_confidence'])
+
+
+def test_the_gpu_script_rehearsed_on_the_cpu(tars, tmp_path):
+    """gpu.py pack, then run --rehearse: every part (bench, the budget search, the rows, evaluate.py, the table and
+    the plots) runs and writes its files; a pack that is not the manifest's stops it before anything runs."""
+    gpu = os.path.join(ROOT, 'experiments', 'fer_lfw', 'gpu.py')
+    packed, out = str(tmp_path / 'packed'), str(tmp_path / 'out')
+    result = subprocess.run([sys.executable, gpu, 'pack', *tars, '--out', packed], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    manifest = json.load(open(os.path.join(packed, 'manifest.json')))
+    assert manifest['counts'] == {'fer2013/train': 70, 'fer2013/val': 9, 'lfw48': 13}
+    result = subprocess.run([sys.executable, gpu, 'run', '--packed', packed, '--out', out, '--rehearse', '--budgets',
+                             '2', '--seeds', '0'], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 0, result.stderr + result.stdout
+    summary = json.load(open(os.path.join(out, 'summary.json')))
+    assert [p['name'] for p in summary['parts']] == ['bench', 'budget', 'rows']
+    assert summary['parts'][1]['chosen'] == 2 and set(summary['parts'][2]['macro_f1']) == {
+        'sup10_s0', 'sup100_s0', 'fixmatch_fer90_s0', 'dtm_fer90_s0', 'dtm_lfw_s0'}
+    for b in (16, 64):
+        assert 'end_to_end' in json.load(open(os.path.join(out, 'bench', f'b{b}.json')))
+    for name in ('results.md', 'results.json', 'curves.png', 'dtm_lfw_s0.png', 'dtm_fer90_s0/val.json'):
+        assert os.path.isfile(os.path.join(out, 'rows', name)), name
+    with open(os.path.join(packed, 'lfw48.tar.gz'), 'ab') as f:  # a pack that changed on its way
+        f.write(b'\0')
+    result = subprocess.run([sys.executable, gpu, 'run', '--packed', packed, '--out', str(tmp_path / 'again'),
+                             '--rehearse'], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and 'lfw48.tar.gz' in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not os.path.exists(tmp_path / 'again')

@@ -37,7 +37,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))  # the project's modules
 import data
-from fast import loading
+from fast import gpu_decode, loading
 from fast.cuda_graphs import CudaGraphs
 from fast.views import GpuAugment
 from sources import faces, formats, pools
@@ -283,6 +283,8 @@ for size in args.sizes:
                    loader_alone=lambda: streams_of(labeled, pool, *workers.values()),  # no step: the workers' pace
                    one_thread=lambda: streams_of(labeled, pool, *workers.values()),
                    memory=lambda: streams_of(labeled_kept, pool_kept))
+    if size > 48:  # JPEG files: the pool's bytes decoded together on the training device (fast/gpu_decode.py)
+        streams['loader_device_decode'] = lambda: streams_of(labeled, gpu_decode.PoolBytes(pool), *workers.values())
     if not cuda:  # 'one_thread': the training process with one CPU thread, which a step on a GPU is enough for
         del streams['one_thread']
     seconds = {name: [] for name in [*streams, 'premade']}

@@ -10,7 +10,7 @@ from model import load_file
 
 # settings a resumed run may change; everything else is restored from the checkpoint
 OPERATIONAL = ('resume', 'out', 'steps', 'workers', 'eval_every', 'save_every', 'log_every', 'compile', 'reindex',
-               'in_memory')
+               'in_memory', 'decode_on_device')
 
 
 def fail(message):

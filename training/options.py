@@ -42,6 +42,8 @@ def parser(description):
                      help='yes: decode the labeled set and the pool once and keep them as tensors (on the GPU when '
                      'they fit); no: stream them through loader workers; auto (default): yes on a GPU for each one '
                      'that takes at most a quarter of its free memory, else no')
+    run.add_argument('--decode-on-device', action='store_true', help='a streamed unlabeled pool of JPEG files is '
+                     'decoded on the GPU, its loader workers only read the bytes')
     run.add_argument('--pool-labels', help='CSV of file name,class for the unlabeled pool: never trained on, only used '
                      'to log how often the pseudo-labels are right (labeled sets given as --unlabeled carry their own)')
     run.add_argument('--seed', type=int, default=0)
