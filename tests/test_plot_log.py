@@ -206,3 +206,17 @@ def test_user_errors_are_one_line(tmp_path):
                           ((log, log, '--labels', 'one'), '--labels: 1 names for 2 logs')):
         result = run_cli(*args)
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, args
+
+
+def test_one_log_with_true_labels_draws_precision_and_recall_per_class():
+    """Class 0: 8 right of 10 accepted (precision 0.8), of 16 right (recall 0.5); class 1: 6 of 30 (0.2), of 24 (0.25)."""
+    records = semi_log()
+    for r in records[1:]:
+        r.update(labeled=[20, 100], accepted_labeled=[10, 30], accepted_correct=[8, 6], correct=[16, 24])
+    image, panels, _ = plot_log.draw_thresholds(records, 'run')
+    assert set(panels) == {'thresholds', 'acceptance', 'mix', 'precision', 'recall'}
+    class_0, class_1 = plot_log.COLOURS[:2]
+    assert_level(image, panels['precision'], class_0, 0.8, 100, 1000)
+    assert_level(image, panels['precision'], class_1, 0.2, 100, 1000)
+    assert_level(image, panels['recall'], class_0, 0.5, 100, 1000)
+    assert_level(image, panels['recall'], class_1, 0.25, 100, 1000)

@@ -8,7 +8,9 @@ One log. Top: the threshold T(c) of each class at each logged step. Middle: the 
 predicted as class c in each logging interval whose pseudo-label was accepted (conf >= T(c)); 'all' is the overall
 rate. An interval in which a class was never predicted has no rate: its line breaks there. Bottom: the class mix of
 the accepted pseudo-labels (the share of class c among all accepted): where one line sits near 1, self-training is
-feeding on one class. A supervised log (--threshold none) has no thresholds: its learning curve is drawn instead.
+feeding on one class. Where the pool's true labels are known (the built-in pool, --pool-labels), two more panels:
+per class, the precision of the accepted pseudo-labels (right / accepted) and their recall (accepted / right). A
+supervised log (--threshold none) has no thresholds: its learning curve is drawn instead.
 
 Several logs, one colour per run: validation macro F1 against step (learning curves); the share of the unlabeled
 batch accepted; the precision of the accepted pseudo-labels (accepted and correct / accepted); their recall (accepted
@@ -128,6 +130,11 @@ def last_per_step(records, event):
     return sorted({r['step']: r for r in records if r.get('event') == event}.values(), key=lambda r: r['step'])
 
 
+def known(record):
+    """Whether a train record counts pseudo-labels against the pool's true labels."""
+    return 'accepted_correct' in record
+
+
 def ratio(part, whole):
     return part / whole if whole else None  # an interval with nothing to count has no rate: the line breaks
 
@@ -152,7 +159,12 @@ def draw_thresholds(records, name):
         ('acceptance', 'accepted / predicted, per logging interval', 'step', x_range,
          [(OVERALL, 1, overall, False)] + per_class(lambda r, c: ratio(r['accepted'][c], r['predicted'][c]))),
         ('mix', 'class mix of the accepted pseudo-labels, per logging interval', 'step', x_range,
-         per_class(lambda r, c: ratio(r['accepted'][c], sum(r['accepted']))))],
+         per_class(lambda r, c: ratio(r['accepted'][c], sum(r['accepted'])))),
+        ('precision', 'precision of the accepted pseudo-labels: right / accepted, per logging interval', 'step',
+         x_range,
+         per_class(lambda r, c: ratio(r['accepted_correct'][c], r['accepted_labeled'][c]) if known(r) else None)),
+        ('recall', 'recall: accepted / right pseudo-labels, per logging interval', 'step', x_range,
+         per_class(lambda r, c: ratio(r['accepted_correct'][c], r['correct'][c]) if known(r) else None))],
         [(c, k, 4) for c, k in zip(classes, colours)] + [('all (middle)', OVERALL, 1)])
     return image, panels, f'{len(train)} logged steps, {len(classes)} classes'
 
