@@ -209,7 +209,7 @@ def test_user_errors_are_one_line(tmp_path):
 
 
 def test_one_log_with_true_labels_draws_precision_and_recall_per_class():
-    """Class 0: 8 right of 10 accepted (precision 0.8), of 16 right (recall 0.5); class 1: 6 of 30 (0.2), of 24 (0.25)."""
+    """Class 0: 8 right of 10 accepted (precision 0.8), of 16 right (recall 0.5); class 1: 6 of 30, of 24."""
     records = semi_log()
     for r in records[1:]:
         r.update(labeled=[20, 100], accepted_labeled=[10, 30], accepted_correct=[8, 6], correct=[16, 24])
