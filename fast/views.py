@@ -11,6 +11,15 @@ import data
 from fast.cuda_graphs import CudaGraphs
 
 ROUND_COLUMNS = 2  # a RandAugment round's parameters per image: op, magnitude
+# the geometric operations of data.RANDAUGMENT as the matrices they warp by, so that one warp serves all five
+# (tests/test_augment.py holds these views to data.Augment's, bit for bit)
+MATRICES = {
+    'ShearX': lambda images, m: data.affine_matrix(images, m, shear_x=torch.rad2deg(torch.atan(m)), about_corner=True),
+    'ShearY': lambda images, m: data.affine_matrix(images, m, shear_y=torch.rad2deg(torch.atan(m)), about_corner=True),
+    'TranslateX': lambda images, m: data.affine_matrix(images, m, translate_x=m.trunc()),
+    'TranslateY': lambda images, m: data.affine_matrix(images, m, translate_y=m.trunc()),
+    'Rotate': lambda images, m: data.affine_matrix(images, m, angle=-m),
+}
 
 
 class GpuAugment(data.Augment):
@@ -36,10 +45,16 @@ class GpuAugment(data.Augment):
         return self.views_from(images, weak, strong, [(r[:, 0].long(), r[:, 1]) for r in rounds], box)
 
     def apply(self, images, op, magnitude):
-        """Every image through every operation, each keeping the one it drew."""
-        op, magnitude, out = op.to(images.device), magnitude.to(images.device), images  # out: Identity
-        for k, operation in enumerate(self.operations):
-            if operation is not data.identity:
+        """Every image through every operation, each keeping the one it drew; the geometric ones as one warp, each
+        image by its own operation's matrix (the identity for the others: the image itself)."""
+        op, magnitude = op.to(images.device), magnitude.to(images.device)
+        matrices = torch.eye(2, 3, dtype=magnitude.dtype, device=images.device).expand(len(images), 2, 3)
+        for name, matrix in MATRICES.items():
+            drew = (op == self.names.index(name)).view(-1, 1, 1)
+            matrices = torch.where(drew, matrix(images, magnitude), matrices)
+        out = data.warp(images, matrices)
+        for k, (name, operation) in enumerate(zip(self.names, self.operations)):
+            if name not in MATRICES and operation is not data.identity:
                 out = torch.where((op == k).view(-1, 1, 1, 1), operation(images, magnitude), out)
         return out
 
