@@ -365,11 +365,13 @@ def test_the_gpu_script_rehearsed_on_the_cpu(tars, tmp_path):
                             env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert result.returncode == 0, result.stderr + result.stdout
     summary = json.load(open(os.path.join(out, 'summary.json')))
-    assert [p['name'] for p in summary['parts']] == ['bench', 'budget', 'rows']
-    assert summary['parts'][1]['chosen'] == 2 and set(summary['parts'][2]['macro_f1']) == {
+    assert [p['name'] for p in summary['parts']] == ['bench', 'pretrain', 'budget', 'rows']
+    assert summary['parts'][2]['chosen'] == 2 and set(summary['parts'][3]['macro_f1']) == {
         'sup10_s0', 'sup100_s0', 'fixmatch_fer90_s0', 'dtm_fer90_s0', 'dtm_lfw_s0'}
     for b in (16, 64):
         assert 'end_to_end' in json.load(open(os.path.join(out, 'bench', f'b{b}.json')))
+    assert '--weights' in summary['parts'][3]['commands'][0]  # every row from the pretraining's weights
+    assert os.path.isfile(os.path.join(out, 'pretrain', 'lfw_ids', 'best.pt'))
     for name in ('results.md', 'results.json', 'curves.png', 'dtm_lfw_s0.png', 'dtm_fer90_s0/val.json'):
         assert os.path.isfile(os.path.join(out, 'rows', name)), name
     with open(os.path.join(packed, 'lfw48.tar.gz'), 'ab') as f:  # a pack that changed on its way

@@ -7,7 +7,8 @@ Every GPU measurement and run this project needs, in one command on one CUDA GPU
 
 `pack` writes what the GPU machine needs and nothing more: FER2013's JPEG files as they are (fer2013.tar.gz), the LFW
 faces as the protocol reads them (48 px grey, re-encoded as JPEG: lfw48.tar.gz) and manifest.json (files, bytes and
-sha256 of each). `run` checks the packs against the manifest before anything starts, then:
+sha256 of each). `run` checks the packs against the manifest before anything starts, pretrains the backbone on the
+LFW identities as the protocol does (`run.py prepare --pretrain`; --scratch skips it), then:
   1. bench: `tools/bench.py --json` at B=16 and B=64, 48 and 112 px, mu=7, default workers (OUT/bench/);
   2. budget: supervised 10% and 100% side by side at each --budgets step count; the protocol's budget is the
      smallest at which all the labels beat 10% of them by --bind points of validation macro F1 (OUT/budget/);
@@ -127,11 +128,12 @@ def side_by_side(commands, out, name):
     return time.time() - start
 
 
-def prepare_commands(work, runs, steps, eval_every, seeds, extra):
-    """run.py prepare's train.py commands, by run name."""
+def prepare_commands(work, runs, steps, eval_every, seeds, extra, pretrain=False):
+    """run.py prepare's train.py commands, by run name (the pretraining's: lfw_ids)."""
     command = [sys.executable, os.path.join(HERE, 'run.py'), 'prepare', '--fer2013', os.path.join(work, 'fer2013'),
                '--lfw', os.path.join(work, 'lfw48'), '--work', work, '--runs', runs, '--steps', str(steps),
-               '--eval-every', str(eval_every), '--train-seeds', *map(str, seeds), '--extra', extra]
+               '--eval-every', str(eval_every), '--train-seeds', *map(str, seeds), '--extra', extra,
+               *(['--pretrain'] if pretrain else [])]
     lines = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout.splitlines()
     return {line.split('--out ')[-1].split()[0].rsplit('/', 1)[-1]: line for line in lines if line.startswith('python')}
 
@@ -168,8 +170,16 @@ def run(args):
     seconds = sum(side_by_side([c], args.out, f'bench_b{b}') for c, b in zip(commands, (16, 64)))  # one at a time
     log.part('bench', commands, seconds=seconds)
 
-    # 2. the budget where labels bind: supervised 10% against 100%, each budget side by side
+    # the protocol's face-recognition pretraining on the LFW identities; every run then starts from its weights
     extra = ' --workers 1' if args.rehearse else ''
+    if args.pretrain:
+        command = prepare_commands(work, args.out, 1, 1, [0], extra, pretrain=True)['lfw_ids']
+        if args.rehearse:
+            command = command.replace('--steps 1500', '--steps 2')
+        log.part('pretrain', [command], seconds=side_by_side([command], args.out, 'pretrain'))
+        extra += f' --weights {os.path.join(args.out, "pretrain", "lfw_ids", "best.pt")}'
+
+    # 2. the budget where labels bind: supervised 10% against 100%, each budget side by side
     budgets, chosen, found = args.budgets, None, {}
     runs = os.path.join(args.out, 'budget')
     commands = []
@@ -217,10 +227,12 @@ def main(argv=None):
     r = sub.add_parser('run', help='every GPU measurement and run, under --out')
     r.add_argument('--packed', required=True, help='the folder `pack` wrote')
     r.add_argument('--out', required=True)
-    r.add_argument('--budgets', type=int, nargs='+', default=[6000, 12000, 24000],
+    r.add_argument('--budgets', type=int, nargs='+', default=[4000, 8000],
                    help='step counts tried for the budget where labels bind')
     r.add_argument('--bind', type=float, default=3.0, help='points of macro F1 all labels must gain over 10%%')
     r.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    r.add_argument('--scratch', dest='pretrain', action='store_false',
+                   help='every run from random weights (default: from the LFW-identity pretraining, as the protocol)')
     r.add_argument('--rehearse', action='store_true', help='on the CPU, tiny budgets: that every part runs')
     args = parser.parse_args(argv)
     if args.command == 'run' and args.rehearse and args.budgets == r.get_default('budgets'):
