@@ -171,7 +171,7 @@ def run(args):
     log.part('bench', commands, seconds=seconds)
 
     # the protocol's face-recognition pretraining on the LFW identities; every run then starts from its weights
-    # runs share the machine: a few loader workers each (a set kept decoded on the GPU needs them only to decode it once)
+    # runs share the machine: a few loader workers each (a set kept decoded on the GPU needs them to decode it once)
     extra = ' --workers 1' if args.rehearse else ' --workers 2'
     if args.pretrain:
         command = prepare_commands(work, args.out, 1, 1, [0], extra, pretrain=True)['lfw_ids']
