@@ -234,11 +234,11 @@ class Augment:
 
     def apply(self, images, op, magnitude):
         """Image i through operation op[i] at magnitude[i]: each operation on the images that drew it."""
-        out = images.clone()
+        out, magnitude = images.clone(), magnitude.to(images.device)
         for k, operation in enumerate(self.operations):
             chosen = (op == k).nonzero().flatten().to(images.device)
             if len(chosen):
-                out[chosen] = operation(images[chosen], magnitude.to(images.device)[chosen])
+                out[chosen] = operation(images[chosen], magnitude[chosen])
         return out
 
     def cutout(self, views, generator):

@@ -51,7 +51,7 @@ def pack(args):
     from PIL import Image
     from sources import formats
     sys.path.insert(0, HERE)
-    from run import dataset_root, install
+    from run import install
     os.makedirs(args.out, exist_ok=True)
     work = os.path.join(args.out, '.work')
     os.makedirs(work, exist_ok=True)
@@ -66,7 +66,7 @@ def pack(args):
             for path in files:
                 tar.add(path, arcname=os.path.join('fer2013', os.path.relpath(path, fer)))
     decode, lfw48 = data.Decode(48, grey=True), os.path.join(work, 'lfw48')
-    people = sorted(os.listdir(dataset_root(lfw, 'lfw112')))
+    people = sorted(os.listdir(lfw))  # install put the data set's root there
     for person in people:  # the pixels the protocol's train.py makes of each face, kept as a grey JPEG
         os.makedirs(os.path.join(lfw48, person), exist_ok=True)
         for name in sorted(os.listdir(os.path.join(lfw, person))):
@@ -122,7 +122,11 @@ def side_by_side(commands, out, name):
     for k, command in enumerate(commands):
         log = open(os.path.join(out, 'logs', f'{name}_{k}.txt'), 'w')
         running.append((subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, shell=True), log))
-    failed = [k for k, (process, log) in enumerate(running) if process.wait() != 0 or log.close()]
+    failed = []
+    for k, (process, log) in enumerate(running):
+        if process.wait() != 0:
+            failed.append(k)
+        log.close()
     if failed:
         sys.exit(f'{name}: command {failed[0]} failed: {commands[failed[0]]} (see {out}/logs/{name}_{failed[0]}.txt)')
     return time.time() - start
