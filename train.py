@@ -30,6 +30,7 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+from baselines.alignment import DistributionAlignment
 from baselines.thresholds import FlexMatchThreshold, FreeMatchThreshold
 from dtm import DynamicThreshold, FixedThreshold, unlabeled_loss
 from evaluate import evaluate, format_table
@@ -123,10 +124,10 @@ labeled_batches, unlabeled_batches = batch_streams if semi else (batch_streams[0
 val_loader = data.loader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)), 4 * B, workers=workers)
 if master:
     checks.warn_if_bound_to_one_core(workers)
-augment = data.Augment(args.img_size)
+augment = data.Augment(args.img_size, fixmatch_form=args.strong_view == 'fixmatch')
 if cuda:  # the same views, every image through every operation, replayed as CUDA graphs
     from fast.views import GpuAugment
-    augment = GpuAugment(args.img_size)
+    augment = GpuAugment(args.img_size, fixmatch_form=args.strong_view == 'fixmatch')
 
 # -----------------------------------------------------------------------------
 # model, weight EMA, optimizer, schedule, threshold
@@ -145,6 +146,9 @@ threshold = {'dtm': lambda: DynamicThreshold(num_classes, args.dtm_momentum, arg
              'flexmatch': lambda: FlexMatchThreshold(num_classes, len(pool), args.tau),
              'freematch': lambda: FreeMatchThreshold(num_classes),  # USB's published momentum, 0.999
              'none': lambda: FixedThreshold(num_classes, 1.0)}[args.threshold]().to(device)
+if args.align:  # ReMixMatch's distribution alignment in front of the threshold (baselines/alignment.py)
+    labeled_counts = torch.bincount(torch.tensor(train_set.labels), minlength=num_classes)
+    threshold = DistributionAlignment(threshold, labeled_counts).to(device)
 best_f1, best_metrics = -1.0, None
 if args.resume:
     checkpoints.restore(checkpoint, resume_path, model=model, ema_model=ema_model, optimizer=optimizer,

@@ -1,12 +1,20 @@
 """
 The built-in data: procedurally drawn faces whose brows, eyes and mouth encode the expression through the action
-units of the Facial Action Coding System, with identity, pose, lighting, background, occlusion and intensity
-variation, an imbalanced small labeled set, a validation set of other people, and a larger unlabeled pool whose
-expression mix differs (mostly neutral and happy, like face-recognition photos). default_data() generates it once
-into data/faces in the ImageFolder layout, so the default run uses the same loading code as real data.
+units of the Facial Action Coding System, built on the method's premise. The labeled set is small and posed: a few
+people, frontal, evenly lit, unoccluded. The validation set and the unlabeled pool are faces of other people, "in the
+wild": every degree of pose, lighting, occlusion, blur and noise, from the posed look to the hardest. The labels
+alone cannot teach that variation; the pool shows it, and its easier faces carry the pseudo-labels over to the harder
+ones. default_data() generates it once into data/faces in the ImageFolder layout, so the default run uses the same
+loading code as real data.
+
+`python sources/faces.py --skewed-pool` adds a second pool with a face-recognition-like mix (mostly neutral and
+happy), to see what such a pool does to the pseudo-labels.
 """
+import argparse
+import hashlib
 import os
 import random
+import shutil
 
 import torch
 from PIL import Image, ImageDraw, ImageFilter
@@ -26,10 +34,16 @@ PROTOTYPES = {
     'Sadness': dict(inner=1.0, lower=0.4, frown=1.0, lids_tight=0.3),
     'Surprise': dict(brows_up=1.0, lids_up=1.0, jaw=1.0),
 }
-# class mix of the splits: imbalanced labeled/val sets like real FER data, and an unlabeled pool dominated by
-# neutral and happy faces, like face-recognition photos
+# class mix: imbalanced like real FER data; the skewed pool is dominated by neutral and happy faces, like
+# face-recognition photos
 LABELED_MIX = (0.26, 0.08, 0.04, 0.04, 0.20, 0.12, 0.10, 0.16)
-UNLABELED_MIX = (0.45, 0.04, 0.02, 0.02, 0.30, 0.05, 0.05, 0.07)
+SKEWED_MIX = (0.45, 0.04, 0.02, 0.02, 0.30, 0.05, 0.05, 0.07)
+# the splits: images, people, class mix, and the range of the "wildness" each face is drawn at (0: frontal, evenly
+# lit, unoccluded, sharp; 1: the strongest pose, shadow, occlusion, blur and noise)
+SPLITS = dict(train=(200, 10, LABELED_MIX, (0.0, 0.1)),
+              val=(800, 80, LABELED_MIX, (0.0, 1.0)),
+              unlabeled=(8000, 800, LABELED_MIX, (0.0, 1.0)))
+SKEWED_POOL = (8000, 800, SKEWED_MIX, (0.0, 1.0))
 
 
 def expression(label, rng):
@@ -40,7 +54,7 @@ def expression(label, rng):
         a, b = rng.sample([c for c in PROTOTYPES if c != 'Neutral'], 2)
         units = {u: 0.55 * rng.uniform(0.4, 1.0) * (PROTOTYPES[a].get(u, 0) + PROTOTYPES[b].get(u, 0)) for u in AUS}
     else:
-        intensity = rng.uniform(0.5, 1.0)
+        intensity = rng.uniform(0.7, 1.0)
         units = {u: intensity * PROTOTYPES[name].get(u, 0.0) for u in AUS}
     return {u: max(0.0, v + rng.gauss(0, 0.1)) for u, v in units.items()}
 
@@ -51,18 +65,19 @@ def new_identity(rng):
     return dict(skin=(int(120 + 120 * tone), int(80 + 110 * tone), int(60 + 100 * tone)),
                 hair=tuple(rng.randint(10, 120) for _ in range(3)), hair_size=rng.uniform(0.05, 0.35),
                 width=rng.uniform(0.56, 0.70), height=rng.uniform(0.72, 0.86), eye_y=rng.uniform(0.40, 0.47),
-                eye_gap=rng.uniform(0.15, 0.21), eye_size=rng.uniform(0.045, 0.065), mouth_y=rng.uniform(0.70, 0.76),
-                mouth_w=rng.uniform(0.12, 0.18), brow_w=rng.uniform(1.5, 3.0),
+                eye_gap=rng.uniform(0.15, 0.21), eye_size=rng.uniform(0.055, 0.07), mouth_y=rng.uniform(0.70, 0.76),
+                mouth_w=rng.uniform(0.14, 0.19), brow_w=rng.uniform(2.5, 3.5),
                 rest={u: max(0.0, rng.gauss(0, 0.1)) for u in AUS})
 
 
-def draw_face(person, units, rng, size=48):
+def draw_face(person, units, rng, size=48, wild=0.5):
+    """The face at `size` px, with pose, lighting, occlusion, blur and noise scaled by `wild` in [0, 1]."""
     S = 2 * size  # draw at twice the size, then downsample with antialiasing
     u = {k: v + person['rest'][k] for k, v in units.items()}
     background = tuple(rng.randint(0, 255) for _ in range(3))
     image = Image.new('RGB', (S, S), background)
     d = ImageDraw.Draw(image)
-    for _ in range(rng.randint(0, 2)):  # background clutter
+    for _ in range(rng.randint(0, round(3 * wild))):  # background clutter
         x, y = rng.uniform(0, S), rng.uniform(0, S)
         d.rectangle((x, y, x + rng.uniform(5, 40), y + rng.uniform(5, 40)), fill=tuple(rng.randint(0, 255) for _ in range(3)))
     cx, cy, w, h = S / 2, S / 2, person['width'] * S, person['height'] * S
@@ -79,8 +94,8 @@ def draw_face(person, units, rng, size=48):
         if u['cheek'] > 0.3:  # AU6 cheek raiser: crow's feet and raised lower lids
             d.arc((ex - er * 1.6, ey - er, ex + er * 1.6, ey + er * 1.8), 20, 160, fill=dark, width=2)
         # brows: height from AU1+2 and AU4, inner end raised by AU1 and lowered/pulled in by AU4
-        by = ey - er * 2.2 - S * 0.07 * u['brows_up'] + S * 0.05 * u['lower']
-        inner = by - S * 0.07 * u['inner'] + S * 0.05 * u['lower']
+        by = ey - er * 2.2 - S * 0.10 * u['brows_up'] + S * 0.06 * u['lower']
+        inner = by - S * 0.09 * u['inner'] + S * 0.07 * u['lower']
         outer = by + S * 0.015 * u['inner']
         ix = cx + side * (gap * 0.45 - S * 0.02 * u['lower'])
         d.line((ix, inner, cx + side * (gap + er * 1.8), outer), fill=person['hair'], width=int(person['brow_w'] * 2))
@@ -91,28 +106,30 @@ def draw_face(person, units, rng, size=48):
     d.line((cx, ey + er, cx - 3, S * (person['mouth_y'] - 0.09)), fill=dark, width=2)
     # mouth: corners up (AU12) or down (AU15), width stretched (AU20) or pressed (AU23), jaw drop opens it (AU26)
     my, mw = person['mouth_y'] * S - S * 0.02 * u['wrinkle'], person['mouth_w'] * S * (1 + 0.45 * u['stretch'] + 0.25 * u['smile'] - 0.35 * u['press'])
-    curve = S * (0.09 * u['smile'] - 0.07 * u['frown'])
-    opening = S * (0.12 * u['jaw'] + 0.03 * u['stretch'])
+    curve = S * (0.12 * u['smile'] - 0.10 * u['frown'])
+    opening = S * (0.15 * u['jaw'] + 0.04 * u['stretch'])
     lips = (150, 50, 60) if u['press'] < 0.5 else (120, 60, 60)
     top = [(cx + mw * t, my - curve * t * t - S * 0.015 * u['wrinkle'] * (1 - t * t)) for t in (-1, -0.5, 0, 0.5, 1)]
     bottom = [(x, y + opening * (1 - ((x - cx) / mw) ** 2)) for x, y in reversed(top)]
     d.polygon(top + bottom, fill=(60, 15, 20) if opening > 2 else lips, outline=lips)
-    d.line(top, fill=lips, width=max(1, int(3 - 2 * u['press'])))
+    d.line(top, fill=lips, width=max(2, int(5 - 3 * u['press'])))
     # pose, lighting, occlusion, blur and noise
-    image = image.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR, translate=(rng.uniform(-5, 5), rng.uniform(-5, 5)),
-                         fillcolor=background)
-    zoom = rng.uniform(0.9, 1.15)
+    angle, shift = 3 + 27 * wild, 1 + 7 * wild
+    image = image.rotate(rng.uniform(-angle, angle), resample=Image.BILINEAR,
+                         translate=(rng.uniform(-shift, shift), rng.uniform(-shift, shift)), fillcolor=background)
+    zoom = rng.uniform(1 - 0.15 * wild, 1 + 0.2 * wild)
     crop = S / zoom
     image = image.crop(((S - crop) / 2, (S - crop) / 2, (S + crop) / 2, (S + crop) / 2)).resize((S, S))
-    if rng.random() < 0.15:  # occlusion (a hand, a microphone)
+    if rng.random() < 0.4 * wild:  # occlusion (a hand, a microphone)
         d = ImageDraw.Draw(image)
         x, y = rng.uniform(0, S * 0.8), rng.uniform(S * 0.3, S * 0.9)
-        d.ellipse((x, y, x + rng.uniform(15, 40), y + rng.uniform(15, 40)), fill=tuple(rng.randint(0, 255) for _ in range(3)))
+        d.ellipse((x, y, x + rng.uniform(15, 45), y + rng.uniform(15, 45)), fill=tuple(rng.randint(0, 255) for _ in range(3)))
+    shade = 1 - wild * rng.uniform(0.3, 0.7)  # the shadowed side keeps this share of its brightness
     light = Image.linear_gradient('L').rotate(rng.uniform(0, 360)).resize((S, S))
-    image = Image.composite(image, Image.eval(image, lambda v: int(v * rng.uniform(0.5, 0.8))), light.point(lambda v: 255 - v // 2))
-    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2))).resize((size, size), Image.LANCZOS)
+    image = Image.composite(image, Image.eval(image, lambda v: int(v * shade)), light.point(lambda v: 255 - v // 2))
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.3 + 1.2 * wild))).resize((size, size), Image.LANCZOS)
     generator = torch.Generator().manual_seed(rng.getrandbits(63))  # sensor noise, reproducible from the seed
-    noise = (128 + rng.uniform(2, 15) * torch.randn(size * size, generator=generator)).clamp(0, 255).byte()
+    noise = (128 + rng.uniform(2, 4 + 14 * wild) * torch.randn(size * size, generator=generator)).clamp(0, 255).byte()
     return Image.blend(image, Image.frombytes('L', (size, size), bytes(noise.tolist())).convert('RGB'), 0.08)
 
 
@@ -125,25 +142,44 @@ def split_counts(shares, total):
     return counts
 
 
-def generate_faces(root, counts=(240, 1000, 10000), identities=(30, 60, 600), seed=0):
-    """Write the built-in set: ROOT/train (labeled), ROOT/val and ROOT/unlabeled/<class>/ (the unlabeled pool;
-    its class folders are only for inspection, the loader ignores them). Each split has its own people.
-    Written to a temporary folder and renamed, so an interrupted generation is never mistaken for a finished one."""
+def write_split(folder, count, people, mix, wild, rng):
+    """FOLDER/<class>/ with `count` faces of `people` new people in the class `mix`, each drawn at a wildness
+    uniform in the range `wild`."""
+    persons = [new_identity(rng) for _ in range(people)]
+    labels = [c for c, n in enumerate(split_counts(mix, count)) for _ in range(n)]
+    for c in CLASSES:
+        os.makedirs(os.path.join(folder, c), exist_ok=True)
+    for i, label in enumerate(labels):
+        image = draw_face(rng.choice(persons), expression(label, rng), rng, wild=rng.uniform(*wild))
+        image.save(os.path.join(folder, CLASSES[label], f'{os.path.basename(folder)}_{i:05d}.png'))
+
+
+def generate_faces(root, counts=None, identities=None, seed=0):
+    """Write the built-in set: ROOT/train (labeled), ROOT/val and ROOT/unlabeled/<class>/ (the unlabeled pool; its
+    class folders are only for inspection and pool_labels, the loader ignores them), each split with its own people.
+    `counts` and `identities` override SPLITS' images and people per split. Written to a temporary folder and
+    renamed, so an interrupted generation is never mistaken for a finished one."""
     rng = random.Random(seed)
     tmp = root + '.tmp'
-    for split, count, people, mix in zip(('train', 'val', 'unlabeled'), counts, identities,
-                                         (LABELED_MIX, LABELED_MIX, UNLABELED_MIX)):
-        persons = [new_identity(rng) for _ in range(people)]
-        labels = [c for c, n in enumerate(split_counts(mix, count)) for _ in range(n)]
-        for c in CLASSES:
-            os.makedirs(os.path.join(tmp, split, c), exist_ok=True)
-        for i, label in enumerate(labels):
-            image = draw_face(rng.choice(persons), expression(label, rng), rng)
-            image.save(os.path.join(tmp, split, CLASSES[label], f'{split}_{i:05d}.png'))
+    for i, (split, (count, people, mix, wild)) in enumerate(SPLITS.items()):
+        write_split(os.path.join(tmp, split), counts[i] if counts else count, identities[i] if identities else people,
+                    mix, wild, rng)
+    with open(os.path.join(tmp, 'generator.sha256'), 'w') as f:
+        f.write(generator_hash())
     os.replace(tmp, root)
 
 
+def generator_hash():
+    """The hash of this file: a set drawn by other code is drawn again."""
+    with open(__file__, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def default_data(root='data/faces'):
+    stamp = os.path.join(root, 'generator.sha256')
+    if os.path.isdir(root) and not (os.path.exists(stamp) and open(stamp).read() == generator_hash()):
+        print(f'{root} was drawn by another version of sources/faces.py: drawing it again')
+        shutil.rmtree(root)
     if not os.path.isdir(root):
         print(f'generating the built-in face-expression set into {root} (once) ...')
         generate_faces(root)
@@ -151,12 +187,21 @@ def default_data(root='data/faces'):
     return root
 
 
-def pool_labels(root):
-    """ROOT/unlabeled_labels.csv, `file name,class` for every face of the unlabeled pool, written from the class
-    folders the generator drew them into: train.py logs how often its pseudo-labels are right, never trains on it."""
-    path = os.path.join(root, 'unlabeled_labels.csv')
+def skewed_pool(root='data/faces', seed=1):
+    """ROOT/unlabeled_skewed: a second pool of new people, mostly neutral and happy like face-recognition photos."""
+    folder = os.path.join(root, 'unlabeled_skewed')
+    if not os.path.isdir(folder):
+        write_split(folder + '.tmp', *SKEWED_POOL, random.Random(seed))
+        os.replace(folder + '.tmp', folder)
+    return folder
+
+
+def pool_labels(root, pool='unlabeled'):
+    """ROOT/<pool>_labels.csv, `file name,class` for every face of the pool, written from the class folders the
+    generator drew them into: train.py logs how often its pseudo-labels are right, never trains on it."""
+    path = os.path.join(root, f'{pool}_labels.csv')
     if not os.path.exists(path):
-        rows = [f'{name},{c}\n' for c in CLASSES for name in sorted(os.listdir(os.path.join(root, 'unlabeled', c)))]
+        rows = [f'{name},{c}\n' for c in CLASSES for name in sorted(os.listdir(os.path.join(root, pool, c)))]
         with open(path + '.tmp', 'w') as f:
             f.writelines(rows)
         os.replace(path + '.tmp', path)
@@ -164,4 +209,11 @@ def pool_labels(root):
 
 
 if __name__ == '__main__':
-    default_data()
+    parser = argparse.ArgumentParser(description='Generate the built-in set into data/faces (train.py does it too).')
+    parser.add_argument('--skewed-pool', action='store_true', help='also the skewed pool, data/faces/unlabeled_skewed')
+    if parser.parse_args().skewed_pool:
+        root = default_data()
+        folder = skewed_pool(root)
+        print(f'python train.py --unlabeled {folder} --pool-labels {pool_labels(root, "unlabeled_skewed")}')
+    else:
+        default_data()

@@ -318,9 +318,9 @@ def test_generate_faces(tmp_path):
     counts = (100, 20, 100)
     faces.generate_faces(root, counts=counts, identities=(3, 2, 3), seed=0)
     assert sorted(os.listdir(tmp_path)) == ['faces']  # the temporary folder was renamed, nothing left over
-    assert sorted(os.listdir(root)) == ['train', 'unlabeled', 'val']
-    for split, count, mix in zip(('train', 'val', 'unlabeled'), counts,
-                                 (faces.LABELED_MIX, faces.LABELED_MIX, faces.UNLABELED_MIX)):
+    assert sorted(os.listdir(root)) == ['generator.sha256', 'train', 'unlabeled', 'val']
+    for split, count in zip(('train', 'val', 'unlabeled'), counts):
+        mix = faces.SPLITS[split][2]
         assert sorted(os.listdir(os.path.join(root, split))) == sorted(faces.CLASSES)
         per_class = {c: len(os.listdir(os.path.join(root, split, c))) for c in faces.CLASSES}
         assert sum(per_class.values()) == count, (split, per_class)
@@ -331,6 +331,24 @@ def test_generate_faces(tmp_path):
     for item in labeled.items[::17]:
         with Image.open(item) as image:
             assert image.size == (48, 48) and image.mode == 'RGB'
+
+
+def test_a_set_drawn_by_other_code_is_drawn_again_and_the_skewed_pool_is_labeled(tmp_path, monkeypatch):
+    monkeypatch.setattr(faces, 'SPLITS', {split: (8, 2, mix, wild) for split, (_, _, mix, wild) in faces.SPLITS.items()})
+    monkeypatch.setattr(faces, 'SKEWED_POOL', (100, 3, *faces.SKEWED_POOL[2:]))
+    root = str(tmp_path / 'faces')
+    os.makedirs(os.path.join(root, 'train'))
+    with open(os.path.join(root, 'generator.sha256'), 'w') as f:
+        f.write('drawn by another version')
+    faces.default_data(root)
+    assert open(os.path.join(root, 'generator.sha256')).read() == faces.generator_hash()
+    assert len(pools.scan_images(os.path.join(root, 'train'))) == 8
+    folder = faces.skewed_pool(root)
+    per_class = {c: len(os.listdir(os.path.join(folder, c))) for c in faces.CLASSES}
+    assert [per_class[c] for c in faces.CLASSES] == [round(share * 100) for share in faces.SKEWED_MIX]
+    with open(faces.pool_labels(root, 'unlabeled_skewed')) as f:
+        rows = {tuple(line.strip().split(',')) for line in f}
+    assert rows == {(name, c) for c in faces.CLASSES for name in os.listdir(os.path.join(folder, c))}
 
 
 def test_generate_faces_is_reproducible_from_its_seed(tmp_path):
