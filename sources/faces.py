@@ -2,9 +2,10 @@
 The built-in data: procedurally drawn faces whose brows, eyes and mouth encode the expression through the action
 units of the Facial Action Coding System, built on the method's premise. The labeled set is small and posed: a few
 people, frontal, evenly lit, unoccluded. The validation set and the unlabeled pool are faces of other people, "in the
-wild": every degree of pose, lighting, occlusion, blur and noise, from the posed look to the hardest. The labels
-alone cannot teach that variation; the pool shows it, and its easier faces carry the pseudo-labels over to the harder
-ones. default_data() generates it once into data/faces in the ImageFolder layout, so the default run uses the same
+wild": every degree of head pose, framing, shadow, background clutter and occlusion, from the posed look to the
+hardest. These change how a face looks, not what its expression is (blur and sensor noise stay mild everywhere). The
+labels alone cannot teach that variation; the pool shows it, and its easier faces carry the pseudo-labels over to the
+harder ones. default_data() generates it once into data/faces in the ImageFolder layout, so the default run uses the same
 loading code as real data.
 
 `python sources/faces.py --skewed-pool` adds a second pool with a face-recognition-like mix (mostly neutral and
@@ -36,11 +37,11 @@ PROTOTYPES = {
 }
 # class mix: imbalanced like real FER data; the skewed pool is dominated by neutral and happy faces, like
 # face-recognition photos
-LABELED_MIX = (0.26, 0.08, 0.04, 0.04, 0.20, 0.12, 0.10, 0.16)
+LABELED_MIX = (0.20, 0.10, 0.08, 0.08, 0.18, 0.12, 0.12, 0.12)
 SKEWED_MIX = (0.45, 0.04, 0.02, 0.02, 0.30, 0.05, 0.05, 0.07)
 # the splits: images, people, class mix, and the range of the "wildness" each face is drawn at (0: frontal, evenly
-# lit, unoccluded, sharp; 1: the strongest pose, shadow, occlusion, blur and noise)
-SPLITS = dict(train=(200, 10, LABELED_MIX, (0.0, 0.1)),
+# lit, unoccluded; 1: the strongest pose, framing, shadow, clutter and occlusion)
+SPLITS = dict(train=(320, 16, LABELED_MIX, (0.0, 0.1)),
               val=(800, 80, LABELED_MIX, (0.0, 1.0)),
               unlabeled=(8000, 800, LABELED_MIX, (0.0, 1.0)))
 SKEWED_POOL = (8000, 800, SKEWED_MIX, (0.0, 1.0))
@@ -54,9 +55,9 @@ def expression(label, rng):
         a, b = rng.sample([c for c in PROTOTYPES if c != 'Neutral'], 2)
         units = {u: 0.55 * rng.uniform(0.4, 1.0) * (PROTOTYPES[a].get(u, 0) + PROTOTYPES[b].get(u, 0)) for u in AUS}
     else:
-        intensity = rng.uniform(0.7, 1.0)
+        intensity = rng.uniform(0.85, 1.0)
         units = {u: intensity * PROTOTYPES[name].get(u, 0.0) for u in AUS}
-    return {u: max(0.0, v + rng.gauss(0, 0.1)) for u, v in units.items()}
+    return {u: max(0.0, v + rng.gauss(0, 0.05)) for u, v in units.items()}
 
 
 def new_identity(rng):
@@ -67,11 +68,11 @@ def new_identity(rng):
                 width=rng.uniform(0.56, 0.70), height=rng.uniform(0.72, 0.86), eye_y=rng.uniform(0.40, 0.47),
                 eye_gap=rng.uniform(0.15, 0.21), eye_size=rng.uniform(0.055, 0.07), mouth_y=rng.uniform(0.70, 0.76),
                 mouth_w=rng.uniform(0.14, 0.19), brow_w=rng.uniform(2.5, 3.5),
-                rest={u: max(0.0, rng.gauss(0, 0.1)) for u in AUS})
+                rest={u: max(0.0, rng.gauss(0, 0.05)) for u in AUS})
 
 
 def draw_face(person, units, rng, size=48, wild=0.5):
-    """The face at `size` px, with pose, lighting, occlusion, blur and noise scaled by `wild` in [0, 1]."""
+    """The face at `size` px, its pose, framing, shadow, clutter and occlusion scaled by `wild` in [0, 1]."""
     S = 2 * size  # draw at twice the size, then downsample with antialiasing
     u = {k: v + person['rest'][k] for k, v in units.items()}
     background = tuple(rng.randint(0, 255) for _ in range(3))
@@ -114,22 +115,22 @@ def draw_face(person, units, rng, size=48, wild=0.5):
     d.polygon(top + bottom, fill=(60, 15, 20) if opening > 2 else lips, outline=lips)
     d.line(top, fill=lips, width=max(2, int(5 - 3 * u['press'])))
     # pose, lighting, occlusion, blur and noise
-    angle, shift = 3 + 27 * wild, 1 + 7 * wild
+    angle, shift = 3 + 37 * wild, 1 + 8 * wild
     image = image.rotate(rng.uniform(-angle, angle), resample=Image.BILINEAR,
                          translate=(rng.uniform(-shift, shift), rng.uniform(-shift, shift)), fillcolor=background)
-    zoom = rng.uniform(1 - 0.15 * wild, 1 + 0.2 * wild)
+    zoom = rng.uniform(1 - 0.2 * wild, 1 + 0.25 * wild)
     crop = S / zoom
     image = image.crop(((S - crop) / 2, (S - crop) / 2, (S + crop) / 2, (S + crop) / 2)).resize((S, S))
-    if rng.random() < 0.4 * wild:  # occlusion (a hand, a microphone)
+    if rng.random() < 0.25 * wild:  # occlusion (a hand, a microphone)
         d = ImageDraw.Draw(image)
         x, y = rng.uniform(0, S * 0.8), rng.uniform(S * 0.3, S * 0.9)
         d.ellipse((x, y, x + rng.uniform(15, 45), y + rng.uniform(15, 45)), fill=tuple(rng.randint(0, 255) for _ in range(3)))
-    shade = 1 - wild * rng.uniform(0.3, 0.7)  # the shadowed side keeps this share of its brightness
+    shade = 1 - wild * rng.uniform(0.4, 0.8)  # the shadowed side keeps this share of its brightness
     light = Image.linear_gradient('L').rotate(rng.uniform(0, 360)).resize((S, S))
     image = Image.composite(image, Image.eval(image, lambda v: int(v * shade)), light.point(lambda v: 255 - v // 2))
-    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.3 + 1.2 * wild))).resize((size, size), Image.LANCZOS)
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.5))).resize((size, size), Image.LANCZOS)
     generator = torch.Generator().manual_seed(rng.getrandbits(63))  # sensor noise, reproducible from the seed
-    noise = (128 + rng.uniform(2, 4 + 14 * wild) * torch.randn(size * size, generator=generator)).clamp(0, 255).byte()
+    noise = (128 + rng.uniform(2, 6) * torch.randn(size * size, generator=generator)).clamp(0, 255).byte()
     return Image.blend(image, Image.frombytes('L', (size, size), bytes(noise.tolist())).convert('RGB'), 0.08)
 
 
