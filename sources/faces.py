@@ -143,16 +143,16 @@ def split_counts(shares, total):
     return counts
 
 
-def write_split(folder, count, people, mix, wild, rng):
-    """FOLDER/<class>/ with `count` faces of `people` new people in the class `mix`, each drawn at a wildness
-    uniform in the range `wild`."""
+def write_split(folder, count, people, mix, wild, rng, name):
+    """FOLDER/<class>/NAME_<i>.png: `count` faces of `people` new people in the class `mix`, each drawn at a
+    wildness uniform in the range `wild`."""
     persons = [new_identity(rng) for _ in range(people)]
     labels = [c for c, n in enumerate(split_counts(mix, count)) for _ in range(n)]
     for c in CLASSES:
         os.makedirs(os.path.join(folder, c), exist_ok=True)
     for i, label in enumerate(labels):
         image = draw_face(rng.choice(persons), expression(label, rng), rng, wild=rng.uniform(*wild))
-        image.save(os.path.join(folder, CLASSES[label], f'{os.path.basename(folder)}_{i:05d}.png'))
+        image.save(os.path.join(folder, CLASSES[label], f'{name}_{i:05d}.png'))
 
 
 def generate_faces(root, counts=None, identities=None, seed=0):
@@ -164,7 +164,7 @@ def generate_faces(root, counts=None, identities=None, seed=0):
     tmp = root + '.tmp'
     for i, (split, (count, people, mix, wild)) in enumerate(SPLITS.items()):
         write_split(os.path.join(tmp, split), counts[i] if counts else count, identities[i] if identities else people,
-                    mix, wild, rng)
+                    mix, wild, rng, split)
     with open(os.path.join(tmp, 'generator.sha256'), 'w') as f:
         f.write(generator_hash())
     os.replace(tmp, root)
@@ -176,9 +176,14 @@ def generator_hash():
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
 def default_data(root='data/faces'):
     stamp = os.path.join(root, 'generator.sha256')
-    if os.path.isdir(root) and not (os.path.exists(stamp) and open(stamp).read() == generator_hash()):
+    if os.path.isdir(root) and not (os.path.exists(stamp) and read(stamp) == generator_hash()):
         print(f'{root} was drawn by another version of sources/faces.py: drawing it again')
         shutil.rmtree(root)
     if not os.path.isdir(root):
@@ -192,7 +197,7 @@ def skewed_pool(root='data/faces', seed=1):
     """ROOT/unlabeled_skewed: a second pool of new people, mostly neutral and happy like face-recognition photos."""
     folder = os.path.join(root, 'unlabeled_skewed')
     if not os.path.isdir(folder):
-        write_split(folder + '.tmp', *SKEWED_POOL, random.Random(seed))
+        write_split(folder + '.tmp', *SKEWED_POOL, random.Random(seed), 'unlabeled_skewed')
         os.replace(folder + '.tmp', folder)
     return folder
 

@@ -35,5 +35,14 @@ def test_rows_record_each_run_and_the_table_reads_them(tmp_path):
     table = subprocess.run([sys.executable, SCRIPT, 'table', '--results', results], capture_output=True, text=True,
                            timeout=60).stdout
     lines = {line.split(' | ')[0][2:]: line for line in table.splitlines()[2:]}
-    assert lines[rows[0]['method']].endswith(f'| 0.000 | 1 of 1 | {rows[0]["minutes"]:.1f} |')
-    assert lines[rows[1]['method']].endswith(f'| 0.125 | 0 of 1 | {rows[1]["minutes"]:.1f} |')
+    commit = rows[0]['commit']
+    assert lines[rows[0]['method']].endswith(f'| 0.000 | 1 of 1 | {rows[0]["minutes"]:.1f} | {commit} |')
+    assert lines[rows[1]['method']].endswith(f'| 0.125 | 0 of 1 | {rows[1]["minutes"]:.1f} | {commit} |')
+
+
+def test_the_readme_table_is_the_table_of_the_committed_results():
+    """The README's built-in table is what `run.py table` makes of experiments/builtin/results/results.json."""
+    table = subprocess.run([sys.executable, SCRIPT, 'table'], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        assert table.stdout.strip() in f.read()

@@ -67,20 +67,23 @@ def rows(args):
 
 
 def table(results):
-    """Per method: macro F1 per seed, mean ± std, accuracy, the smallest predicted share, runs collapsed."""
-    methods = list(dict.fromkeys(r['method'] for r in results))
-    seeds = sorted({r['seed'] for r in results})
-    lines = [f'| method | macro F1, seeds {seeds[0]}–{seeds[-1]} | mean ± std | accuracy, mean | smallest predicted '
-             f'share | collapsed | minutes/run |', '|---|---|---|---|---|---|---|']
-    for method in methods:
+    """Per method: its seeds, macro F1 per seed, mean ± std, accuracy, the smallest predicted share, runs collapsed,
+    minutes per run and the commits the runs were made at."""
+    lines = ['| method | seeds | macro F1 per seed | mean ± std | accuracy, mean | smallest predicted share | collapsed | '
+             'minutes/run | commit |', '|---|---|---|---|---|---|---|---|---|']
+    for method in dict.fromkeys(r['method'] for r in results):
         runs = sorted((r for r in results if r['method'] == method), key=lambda r: r['seed'])
         f1 = [r['macro_f1'] for r in runs]
         std = statistics.stdev(f1) if len(f1) > 1 else 0.0
         smallest = [min(r['predicted_share'].values()) for r in runs]
-        lines.append(f'| {method} | {" / ".join(f"{x:.3f}" for x in f1)} | {statistics.mean(f1):.3f} ± {std:.3f} | '
-                     f'{statistics.mean(r["accuracy"] for r in runs):.3f} | {min(smallest):.3f} | '
+        seeds = [r['seed'] for r in runs]
+        seeds = f'{seeds[0]}–{seeds[-1]}' if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 else \
+            ', '.join(map(str, seeds))
+        commits = ', '.join(dict.fromkeys(str(r['commit']) for r in runs))
+        lines.append(f'| {method} | {seeds} | {" / ".join(f"{x:.3f}" for x in f1)} | {statistics.mean(f1):.3f} ± '
+                     f'{std:.3f} | {statistics.mean(r["accuracy"] for r in runs):.3f} | {min(smallest):.3f} | '
                      f'{sum(s < COLLAPSED for s in smallest)} of {len(runs)} | '
-                     f'{statistics.mean(r["minutes"] for r in runs):.1f} |')
+                     f'{statistics.mean(r["minutes"] for r in runs):.1f} | {commits} |')
     return '\n'.join(lines)
 
 
