@@ -30,7 +30,6 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from baselines.alignment import DistributionAlignment
 from baselines.thresholds import FlexMatchThreshold, FreeMatchThreshold
 from dtm import DynamicThreshold, FixedThreshold, unlabeled_loss
 from evaluate import evaluate, format_table
@@ -146,9 +145,6 @@ threshold = {'dtm': lambda: DynamicThreshold(num_classes, args.dtm_momentum, arg
              'flexmatch': lambda: FlexMatchThreshold(num_classes, len(pool), args.tau),
              'freematch': lambda: FreeMatchThreshold(num_classes),  # USB's published momentum, 0.999
              'none': lambda: FixedThreshold(num_classes, 1.0)}[args.threshold]().to(device)
-if args.align:  # ReMixMatch's distribution alignment in front of the threshold (baselines/alignment.py)
-    labeled_counts = torch.bincount(torch.tensor(train_set.labels), minlength=num_classes)
-    threshold = DistributionAlignment(threshold, labeled_counts).to(device)
 best_f1, best_metrics = -1.0, None
 if args.resume:
     checkpoints.restore(checkpoint, resume_path, model=model, ema_model=ema_model, optimizer=optimizer,

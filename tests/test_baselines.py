@@ -18,9 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from baselines.alignment import DistributionAlignment
 from baselines.thresholds import FlexMatchThreshold, FreeMatchThreshold, fairness_loss
-from dtm import DynamicThreshold, FixedThreshold
 
 
 def P(*rows):
@@ -549,47 +547,3 @@ def test_distributed_sync_matches_union(tmp_path):
     #    step 2 pseudo-labels [1, 2, 0, 1]: h = 0.5 h + 0.5 * [1, 2, 1] / 4
     h1 = [1 / 6 + 0.5 * s / 4 for s in (3, 0, 1)]
     close(ranks[0]['freematch']['state']['label_hist'], [0.5 * a + 0.5 * s / 4 for a, s in zip(h1, (1, 2, 1))])
-
-
-# -----------------------------------------------------------------------------
-# distribution alignment (baselines/alignment.py)
-
-
-def usb_dist_align(probs, p_model, p_target, momentum):
-    """USB's DistAlignEMAHook.dist_align (semilearn/algorithms/hooks/dist_align.py), p_target given: the EMA of the
-    batch mean (the first batch sets it), then probs * (p_target + 1e-6) / (p_model + 1e-6), normalised."""
-    mean = probs.mean(dim=0)
-    p_model = mean if p_model is None else p_model * momentum + mean * (1 - momentum)
-    aligned = probs * (p_target + 1e-6) / (p_model + 1e-6)
-    return aligned / aligned.sum(dim=-1, keepdim=True), p_model
-
-
-def test_distribution_alignment_matches_usb_step_by_step_and_feeds_its_threshold():
-    generator = torch.Generator().manual_seed(0)
-    counts = torch.tensor([1, 3, 3, 3])
-    align = DistributionAlignment(FixedThreshold(4, 0.6), counts, momentum=0.9)
-    p_model = None
-    for step in range(20):
-        probs = random_probs(generator, 16, 4, bias=8.0)  # a teacher that favours class 0
-        expected, p_model = usb_dist_align(probs, p_model, counts / counts.sum(), 0.9)
-        pseudo, mask = align(probs)
-        close(align.model, p_model)
-        confidence, argmax = expected.max(dim=1)
-        assert torch.equal(pseudo, argmax) and torch.equal(mask, (confidence >= 0.6).float()), step
-    # the teacher's excess of class 0 over the labeled mix is taken back: fewer class-0 pseudo-labels than argmax q
-    probs = random_probs(generator, 4000, 4, bias=8.0)
-    assert (align(probs)[0] == 0).sum() < (probs.argmax(dim=1) == 0).sum()
-
-
-def test_distribution_alignment_is_the_identity_where_the_teacher_matches_the_labels_and_round_trips():
-    counts = torch.tensor([3, 1])
-    align = DistributionAlignment(DynamicThreshold(2, 0.9, 0.5, 0.95), counts).eval()
-    align.model.copy_(counts / counts.sum())
-    probs = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.55, 0.45]])
-    assert all(torch.equal(a, b) for a, b in zip(align(probs), DynamicThreshold(2, 0.9, 0.5, 0.95).eval()(probs)))
-    assert torch.equal(align.model, counts / counts.sum())  # eval mode learns nothing
-    trained = DistributionAlignment(DynamicThreshold(2, 0.9, 0.5, 0.95), counts)
-    trained(torch.tensor([[0.8, 0.2], [0.6, 0.4]]))
-    restored = DistributionAlignment(DynamicThreshold(2, 0.9, 0.5, 0.95), counts)
-    restored.load_state_dict(trained.state_dict())
-    assert torch.equal(restored.model, trained.model) and torch.equal(restored.threshold(), trained.threshold())

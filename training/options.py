@@ -62,7 +62,5 @@ def parser(description):
     variants.add_argument('--strong-view', default='torchvision', choices=('torchvision', 'fixmatch'),
                           help="RandAugment at torchvision's fixed magnitude 10 and Cutout of 2-15%% of the area, or "
                           "FixMatch's: a random magnitude per image and Cutout a square of up to half the side")
-    variants.add_argument('--align', action='store_true', help='distribution alignment (ReMixMatch): the teacher\'s '
-                          'probabilities rescaled toward the labeled class mix, for pools whose mix differs')
     variants.add_argument('--lr-warmup', type=int, default=0, help='steps of linear learning-rate warm-up')
     return parser
