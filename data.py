@@ -200,15 +200,13 @@ class Augment:
         weak    RandomHorizontalFlip + RandomCrop(S, padding=S // 8, padding_mode='reflect')
         strong  weak + RandAugment(num_ops=2, magnitude=10 of its 0..30, fill 0), as torchvision's v2.RandAugment
         cutout  RandomErasing(p=1, scale=(0.02, 0.15), ratio=(0.3, 3.3), value=0), on the normalised strong view
-    With fixmatch_form, the strong view is FixMatch's: each operation at a magnitude bin drawn per image from 0..30,
-    and Cutout a square of up to half the side, centred anywhere, clipped at the edges.
     The parameters are drawn on the CPU from the `generator` passed in: a batch's views are a function of its seed."""
 
-    def __init__(self, img_size, num_ops=2, magnitude=10, fixmatch_form=False):
-        self.size, self.pad, self.num_ops, self.fixmatch_form = img_size, img_size // 8, num_ops, fixmatch_form
+    def __init__(self, img_size, num_ops=2, magnitude=10):
+        self.size, self.pad, self.num_ops = img_size, img_size // 8, num_ops
         self.names, self.operations = list(RANDAUGMENT), [op for op, _, _ in RANDAUGMENT.values()]
-        self.bins = torch.stack([bins(img_size).double() for _, bins, _ in RANDAUGMENT.values()])  # (14, 31)
-        self.magnitudes = self.bins[:, magnitude]
+        self.magnitudes = torch.tensor([float(bins(img_size)[magnitude]) for _, bins, _ in RANDAUGMENT.values()],
+                                       dtype=torch.float64)
         self.signed = torch.tensor([signed for _, _, signed in RANDAUGMENT.values()])
 
     def labeled_view(self, images, generator):
@@ -265,22 +263,13 @@ class Augment:
         magnitude, negated with probability 1/2 where the operation is signed. -> (op, magnitude)."""
         op = torch.randint(len(self.names), (n,), generator=generator)
         negate = torch.rand(n, generator=generator) <= 0.5
-        magnitude = self.magnitudes[op]
-        if self.fixmatch_form:
-            magnitude = self.bins[op, torch.randint(31, (n,), generator=generator)]
-        return op, magnitude * torch.where(self.signed[op] & negate, -1.0, 1.0)
+        return op, self.magnitudes[op] * torch.where(self.signed[op] & negate, -1.0, 1.0)
 
     def draw_cutout(self, n, generator):
         """(top, left, h, w) of a box per view: its area a uniform 2-15% of the image, its aspect ratio h/w
         log-uniform in [0.3, 3.3], its corner uniform where it fits. RandomErasing retries boxes that do not fit;
         these always do (at most sqrt(0.15 * 3.3) = 0.7 of a side)."""
         s = self.size
-        if self.fixmatch_form:  # FixMatch's CutoutAbs: a square of side up to s / 2 about a uniform centre
-            side = (torch.rand(n, generator=generator, dtype=torch.float64) * s / 2).round().clamp(min=1)
-            y, x = torch.rand(2, n, generator=generator, dtype=torch.float64) * s
-            top, left = (y - side / 2).round().clamp(min=0), (x - side / 2).round().clamp(min=0)
-            return torch.stack([top, left, (y + side / 2).round().clamp(max=s) - top,
-                                (x + side / 2).round().clamp(max=s) - left], 1)
         area = s * s * (0.02 + 0.13 * torch.rand(n, generator=generator, dtype=torch.float64))
         ratio = torch.exp(math.log(0.3) + math.log(3.3 / 0.3) * torch.rand(n, generator=generator, dtype=torch.float64))
         h, w = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()

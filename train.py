@@ -123,10 +123,10 @@ labeled_batches, unlabeled_batches = batch_streams if semi else (batch_streams[0
 val_loader = data.loader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)), 4 * B, workers=workers)
 if master:
     checks.warn_if_bound_to_one_core(workers)
-augment = data.Augment(args.img_size, fixmatch_form=args.strong_view == 'fixmatch')
+augment = data.Augment(args.img_size)
 if cuda:  # the same views, every image through every operation, replayed as CUDA graphs
     from fast.views import GpuAugment
-    augment = GpuAugment(args.img_size, fixmatch_form=args.strong_view == 'fixmatch')
+    augment = GpuAugment(args.img_size)
 
 # -----------------------------------------------------------------------------
 # model, weight EMA, optimizer, schedule, threshold

@@ -24,8 +24,8 @@ MATRICES = {
 
 class GpuAugment(data.Augment):
 
-    def __init__(self, img_size, num_ops=2, magnitude=10, fixmatch_form=False, cuda_graphs=True):
-        super().__init__(img_size, num_ops, magnitude, fixmatch_form)
+    def __init__(self, img_size, num_ops=2, magnitude=10, cuda_graphs=True):
+        super().__init__(img_size, num_ops, magnitude)
         graphed = CudaGraphs if cuda_graphs else (lambda make: make)
         self.labeled_on_device, self.unlabeled_on_device = graphed(self.labeled_from), graphed(self.unlabeled_from)
 

@@ -301,15 +301,13 @@ def test_gpu_views_are_the_cpu_views():
         assert difference.max() <= 2 / 255 + 1e-6 or (difference > 1e-6).float().mean() < 0.005
 
 
-@pytest.mark.parametrize('fixmatch_form', [False, True], ids=['torchvision-form', 'fixmatch-form'])
-@pytest.mark.parametrize('make', [data.Augment, lambda size, **form: GpuAugment(size, cuda_graphs=False, **form)],
-                         ids=['plain', 'gpu'])
-def test_strong_view_is_weak_view_then_two_operations_then_cutout(make, fixmatch_form):
+@pytest.mark.parametrize('make', [data.Augment, lambda size: GpuAugment(size, cuda_graphs=False)], ids=['plain', 'gpu'])
+def test_strong_view_is_weak_view_then_two_operations_then_cutout(make):
     """The views as the method composes them, image by image with torchvision as the reference: the weak view is
     hflip + reflect-padded crop; the strong view is another such view, then the image's two drawn RandAugment
     operations, normalised, then its Cutout box erased to 0."""
     size, n = 48, 48
-    augment, images = make(size, fixmatch_form=fixmatch_form), faces_like(n, size, seed=5)
+    augment, images = make(size), faces_like(n, size, seed=5)
     weak_view, strong_view = augment.unlabeled_views(images, seeded(11))
     weak, strong, rounds, box = augment.draw_unlabeled(n, seeded(11))  # the same generator: the same draws
 
@@ -326,25 +324,3 @@ def test_strong_view_is_weak_view_then_two_operations_then_cutout(make, fixmatch
         expected = v2.functional.erase(data.normalize(expected[None])[0], top, left, h, w, torch.tensor(0.0))
         off = (strong_view[i] - expected).abs() > 2 / 255 + 1e-6  # within rounding: a unit of 255 either way
         assert off.float().mean() < 0.01, (i, [augment.names[op[i]] for op, _ in rounds], off.float().mean())
-
-
-def test_fixmatch_form_draws_a_magnitude_per_image_and_a_square_of_up_to_half_the_side():
-    """FixMatch's strong view: each image's operation at its own magnitude, one of torchvision's 31 bins of that
-    operation; Cutout a square of side at most S / 2 (clipped where it meets an edge), anywhere in the image."""
-    size, n = 48, 4000
-    augment, fixed = data.Augment(size, fixmatch_form=True), data.Augment(size)
-    op, magnitude = augment.draw_round(n, seeded(1))
-    for k, name in enumerate(augment.names):
-        drawn = magnitude[op == k].abs()
-        bins = augment.bins[k].abs()
-        assert all((bins == m).any() for m in drawn), name
-        if bins.unique().numel() > 1:  # operations whose magnitude matters: many of their bins are drawn
-            assert drawn.unique().numel() >= min(10, bins.unique().numel()), name
-    assert set(fixed.draw_round(n, seeded(1))[1].abs().tolist()) <= set(fixed.magnitudes.abs().tolist())
-    top, left, h, w = augment.draw_cutout(n, seeded(2)).unbind(1)
-    assert (h <= size / 2 + 1).all() and (w <= size / 2 + 1).all() and (h >= 0).all() and (w >= 0).all()
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= size).all() and (left + w <= size).all()
-    inside = (top > 0) & (left > 0) & (top + h < size) & (left + w < size)
-    assert torch.equal(h[inside], w[inside])  # a square where no edge clips it
-    assert h[inside].max() >= size / 2 - 1 and h[inside].min() <= 2  # from tiny to half the side
-    assert (top == 0).any() and (left + w == size).any()  # clipped at the edges

@@ -59,8 +59,5 @@ def parser(description):
     variants.add_argument('--teacher', default='live', choices=('live', 'ema'),
                           help='who makes the pseudo-labels: the live model (FixMatch) or its weight EMA')
     variants.add_argument('--balanced', action='store_true', help='class-balanced sampling of the labeled set')
-    variants.add_argument('--strong-view', default='torchvision', choices=('torchvision', 'fixmatch'),
-                          help="RandAugment at torchvision's fixed magnitude 10 and Cutout of 2-15%% of the area, or "
-                          "FixMatch's: a random magnitude per image and Cutout a square of up to half the side")
     variants.add_argument('--lr-warmup', type=int, default=0, help='steps of linear learning-rate warm-up')
     return parser
