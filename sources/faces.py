@@ -5,8 +5,8 @@ people, frontal, evenly lit, unoccluded. The validation set and the unlabeled po
 wild": every degree of head pose, framing, shadow, background clutter and occlusion, from the posed look to the
 hardest. These change how a face looks, not what its expression is (blur and sensor noise stay mild everywhere). The
 labels alone cannot teach that variation; the pool shows it, and its easier faces carry the pseudo-labels over to the
-harder ones. default_data() generates it once into data/faces in the ImageFolder layout, so the default run uses the same
-loading code as real data.
+harder ones. default_data() generates it once into data/faces in the ImageFolder layout, so the default run uses the
+same loading code as real data, and draws it again whenever this file changes.
 
 `python sources/faces.py --skewed-pool` adds a second pool with a face-recognition-like mix (mostly neutral and
 happy), to see what such a pool does to the pseudo-labels.
@@ -16,6 +16,7 @@ import hashlib
 import os
 import random
 import shutil
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFilter
@@ -176,14 +177,9 @@ def generator_hash():
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def read(path):
-    with open(path) as f:
-        return f.read()
-
-
 def default_data(root='data/faces'):
     stamp = os.path.join(root, 'generator.sha256')
-    if os.path.isdir(root) and not (os.path.exists(stamp) and read(stamp) == generator_hash()):
+    if os.path.isdir(root) and not (os.path.exists(stamp) and Path(stamp).read_text() == generator_hash()):
         print(f'{root} was drawn by another version of sources/faces.py: drawing it again')
         shutil.rmtree(root)
     if not os.path.isdir(root):

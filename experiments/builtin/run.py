@@ -8,7 +8,7 @@ and the README's table made from what they wrote.
 `rows` runs `python train.py` once per method and seed (one thread each, --parallel at a time) into RUNS/<method>_sS
 and writes a row per run into results/results.json, replacing a row of the same method and seed: {method, seed,
 macro_f1, accuracy, predicted_share (per class, at the best checkpoint), minutes, commit, command}. A method is one
-of METHODS or NAME=FLAGS for a variant (`--methods "DTM-align=--align"`).
+of METHODS or NAME=FLAGS for a variant (`--methods "DTM-relative=--dtm-relative"`).
 """
 import argparse
 import json
