@@ -136,7 +136,8 @@ ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # eval mode: BN u
 decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
 optimizer = torch.optim.SGD([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0)],
                             lr=args.lr, momentum=0.9, nesterov=True)
-# FixMatch's cosine decay lr * cos(7 pi k / 16 K), after an optional linear warm-up
+# FixMatch's cosine decay lr * cos(7 pi k / 16 K), after a linear warm-up: at the full rate from the first step, a
+# network trained from scratch overshoots and becomes confidently wrong, and a threshold accepts such guesses
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (args.lr_warmup + 1)) *
                                               math.cos(7 * math.pi * k / (16 * args.steps)))
 scaler = torch.amp.GradScaler('cuda', enabled=cuda and amp_dtype == torch.float16)  # a no-op unless fp16

@@ -31,6 +31,7 @@ def parser(description):
     run.add_argument('--steps', type=int, default=500)
     run.add_argument('--batch-size', type=int, default=16, help='labeled images per step, per GPU')
     run.add_argument('--lr', type=float, default=0.03)
+    run.add_argument('--lr-warmup', type=int, default=100, help='steps of linear learning-rate warm-up (0: none)')
     run.add_argument('--weight-decay', type=float, default=5e-4)
     run.add_argument('--ema', type=float, default=0.999, help='decay of the weight EMA that is evaluated and saved')
     run.add_argument('--eval-every', type=int, default=100)
@@ -59,5 +60,4 @@ def parser(description):
     variants.add_argument('--teacher', default='live', choices=('live', 'ema'),
                           help='who makes the pseudo-labels: the live model (FixMatch) or its weight EMA')
     variants.add_argument('--balanced', action='store_true', help='class-balanced sampling of the labeled set')
-    variants.add_argument('--lr-warmup', type=int, default=0, help='steps of linear learning-rate warm-up')
     return parser
