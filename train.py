@@ -10,7 +10,7 @@ One step, for B labeled images x_b with labels y_b and mu*B unlabeled faces u_b:
     pseudo, mask  = threshold(q_b)                          dtm.py: mask_b = [max q_b >= T(argmax q_b)]
     L_s           = mean_b CE(f(weak(x_b)), y_b)
     L_u           = 1/(mu B) sum_b mask_b * CE(f(strong(u_b)), pseudo_b)
-    L             = L_s + lambda_u * L_u
+    L             = L_s + lambda_u(k) * L_u                lambda_u(k) ramps up linearly over the first steps
 """
 import argparse
 import copy
@@ -267,7 +267,10 @@ while step < args.steps:
         else:
             logits_x, loss_u, mask = model(x_weak), torch.zeros((), device=device), torch.zeros((), device=device)
         loss_s = F.cross_entropy(logits_x.float(), y)
-        loss = loss_s + args.lambda_u * loss_u
+        # lambda_u(k) ramps up over --lambda-u-warmup steps: the young model's confident guesses on the pool are
+        # mostly wrong, often all one class, and at full weight training on them would confirm them
+        lambda_u = args.lambda_u * min(1.0, (step + 1) / (args.lambda_u_warmup + 1))
+        loss = loss_s + lambda_u * loss_u
         if semi:  # FreeMatch's fairness term; nothing for FixMatch and the DTM
             loss = loss + threshold.extra_loss(logits_u, mask)
     optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ from test_resume import assert_identical  # pytest puts the tests' folder on sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 TRAIN = os.path.join(ROOT, 'train.py')
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
-BATCH, MU, LAMBDA_U, EMA, STEPS, RECORDED = 4, 2, 2.0, 0.27, 4, 2
+BATCH, MU, LAMBDA_U, RAMP, EMA, STEPS, RECORDED = 4, 2, 2.0, 1, 0.27, 4, 2
 
 # Records what train.py does in its first RECORDED steps: every forward of the model or its EMA (input, output and
 # whether the output has a graph), every call of the threshold (the probabilities it receives, what it returns and
@@ -135,10 +135,11 @@ def load(path):
 # --dtm-momentum 0: T(c) is the mean confidence of this batch's predictions of c, so some pseudo-labels fall below it
 # and some do not: a mask that is neither all 0 nor all 1, which tells 1/(mu B) from 1/(number accepted).
 # --dtm-min 0: no floor holds the threshold above every confidence of the untrained model. --lambda-u 2: a dropped
-# weight shows. --ema 0.27 for the EMA check below: d_k = 2/11, 3/12, then 0.27, so both sides of the min show.
+# weight shows; --lambda-u-warmup 1 ramps it: half at step 0, whole at step 1. --ema 0.27 for the EMA check below:
+# d_k = 2/11, 3/12, then 0.27, so both sides of the min show.
 VARIANTS = {'concat': (), 'own_bn': ('--own-bn',), 'ema_teacher': ('--teacher', 'ema')}
 STEP_FLAGS = ('--steps', str(STEPS), '--dtm-min', '0', '--dtm-momentum', '0', '--lambda-u', str(LAMBDA_U),
-              '--ema', str(EMA))
+              '--lambda-u-warmup', str(RAMP), '--ema', str(EMA))
 
 
 @pytest.fixture(scope='module')
@@ -215,13 +216,14 @@ def test_backpropagated_loss_is_the_method(recorded, variant):
         assert torch.equal(x, images) and torch.equal(u, strong), 'the graph is not of the labeled and strong views'
         assert len(forwards) == 1 + len(graph), 'one forward of the weak view, the rest with a graph'
 
-        # L = L_s + lambda_u L_u, recomputed here
+        # L = L_s + lambda_u(k) L_u, recomputed here; --lambda-u-warmup 1: lambda_u / 2 at step 0, then lambda_u
+        lambda_u = LAMBDA_U * min(1, (step + 1) / (RAMP + 1))
         loss_s = cross_entropy(logits_x, labels).mean()
         loss_u = (mask * cross_entropy(logits_u, pseudo)).sum() / (MU * BATCH)
         # a step whose mask is neither all 0 nor all 1 tells 1/(mu B) from 1/(number accepted); L_u > 0 shows lambda_u
         informative |= 0 < mask.sum() < MU * BATCH and loss_u > 0
         assert loss['graph']
-        assert loss['loss'].item() == pytest.approx((loss_s + LAMBDA_U * loss_u).item(), rel=1e-5, abs=1e-6), \
+        assert loss['loss'].item() == pytest.approx((loss_s + lambda_u * loss_u).item(), rel=1e-5, abs=1e-6), \
             f'step {step}: L_s {loss_s.item():.6f}, L_u {loss_u.item():.6f}'
     assert informative, 'no step with a partial mask and L_u > 0: the unlabeled term went untested'
 

@@ -11,6 +11,7 @@ from model import load_file
 # settings a resumed run may change; everything else is restored from the checkpoint
 OPERATIONAL = ('resume', 'out', 'steps', 'workers', 'eval_every', 'save_every', 'log_every', 'compile', 'reindex',
                'in_memory', 'decode_on_device')
+OFF = {'lambda_u_warmup': 0}  # settings added with a default that is not off: what a checkpoint without them ran
 
 
 def fail(message):
@@ -38,8 +39,9 @@ def load_resumed(args, parser):
     if not isinstance(checkpoint, dict) or not {'config', 'step', 'model'} <= checkpoint.keys():
         fail(f'--resume: {resume_path} is not a train.py checkpoint (no config, step and model in it)')
     saved_config = checkpoint['config']
-    # a setting the checkpoint's train.py did not have was off in that run: its default, not this command's
-    vars(args).update({k: saved_config.get(k, parser.get_default(k)) for k in vars(args) if k not in OPERATIONAL})
+    # a setting the checkpoint's train.py did not have was off in that run: its off value, else its default
+    vars(args).update({k: saved_config.get(k, OFF.get(k, parser.get_default(k))) for k in vars(args)
+                       if k not in OPERATIONAL})
     if checkpoint['step'] >= args.steps:
         fail(f'--steps: {resume_path} is at step {checkpoint["step"]}; pass --steps above it to train on')
     return checkpoint, resume_path
@@ -54,7 +56,8 @@ def check_args(args):
             ('--tau', 0 < args.tau <= 1, 'in (0, 1]'), ('--dtm-momentum', 0 <= args.dtm_momentum < 1, 'in [0, 1)'),
             ('--dtm-min', 0 <= args.dtm_min <= (args.tau if args.threshold == 'dtm' else 1),
              'in [0, --tau]: T_min <= T_max'),
-            ('--lr-warmup', args.lr_warmup >= 0, 'at least 0'), ('--workers', (args.workers or 0) >= 0, 'at least 0'),
+            ('--lr-warmup', args.lr_warmup >= 0, 'at least 0'),
+            ('--lambda-u-warmup', args.lambda_u_warmup >= 0, 'at least 0'), ('--workers', (args.workers or 0) >= 0, 'at least 0'),
             *[(f'--{name}-every', getattr(args, f'{name}_every') >= 1, 'at least 1')
               for name in ('eval', 'save', 'log')]]:
         if not ok:

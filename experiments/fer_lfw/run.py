@@ -263,9 +263,10 @@ def prepare(args):
     print(f'# {rest_name}: {sum(map(len, rest.values()))} images; lfw112: {lfw} images; val: fer2013/val')
     # --grey: FER2013 is grey, LFW colour (a colour face is outside the domain of a model that saw only grey ones);
     # --own-bn: batch statistics mixed from both domains bias the model towards one class on LFW
-    # (experiments/fer_lfw/README.md)
+    # (experiments/fer_lfw/README.md); --lambda-u-warmup 0: the protocol's unlabeled loss is at full weight from step 1
     common = (f'--grey --own-bn --img-size {args.img_size} --steps {args.steps} --batch-size {args.batch_size} '
-              f'--mu {args.mu} --lr {args.lr} --lr-warmup {args.lr_warmup} --eval-every {args.eval_every} '
+              f'--mu {args.mu} --lr {args.lr} --lr-warmup {args.lr_warmup} --lambda-u-warmup 0 '
+              f'--eval-every {args.eval_every} '
               f'--save-every {args.eval_every}')
     workers = f' --workers {args.workers}' if args.workers is not None else ''
     common += workers
