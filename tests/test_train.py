@@ -127,15 +127,16 @@ def test_own_bn_leaves_running_statistics_to_labeled_images(tmp_path):
         assert all(torch.equal(own[name][k], supervised[name][k]) for k in own[name]), name
     assert supervised['model']['bn1.num_batches_tracked'] == 4  # counted once a step, by the labeled batch
     assert not torch.equal(mixed['model']['bn1.running_mean'], supervised['model']['bn1.running_mean'])
-    # a checkpoint from before --own-bn existed resumes as it ran, without it, whatever the new command says
+    # a checkpoint from before --own-bn and --lambda-u-warmup existed resumes as it ran, without them, whatever the
+    # new command and the new defaults say
     checkpoint = torch.load(tmp_path / 'mixed' / 'last.pt', map_location='cpu', weights_only=True)
-    del checkpoint['config']['own_bn']
+    del checkpoint['config']['own_bn'], checkpoint['config']['lambda_u_warmup']
     torch.save(checkpoint, tmp_path / 'old.pt')
     result = run('train.py', '--resume', str(tmp_path / 'old.pt'), '--own-bn', '--steps', '5', '--workers', '0',
                  '--out', str(tmp_path / 'resumed'))
     assert result.returncode == 0, result.stderr[-3000:]
     start = json.loads(open(tmp_path / 'resumed' / 'log.jsonl').readline())
-    assert start['step'] == 4 and start['config']['own_bn'] is False
+    assert start['step'] == 4 and start['config']['own_bn'] is False and start['config']['lambda_u_warmup'] == 0
     own_ema = running_statistics('own_ema', *semi, '--own-bn', '--teacher', 'ema')  # the teacher is the EMA model
     assert all(torch.equal(own_ema[name][k], supervised[name][k]) for name in own for k in own[name])
 
