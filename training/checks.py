@@ -57,7 +57,8 @@ def check_args(args):
             ('--dtm-min', 0 <= args.dtm_min <= (args.tau if args.threshold == 'dtm' else 1),
              'in [0, --tau]: T_min <= T_max'),
             ('--lr-warmup', args.lr_warmup >= 0, 'at least 0'),
-            ('--lambda-u-warmup', args.lambda_u_warmup >= 0, 'at least 0'), ('--workers', (args.workers or 0) >= 0, 'at least 0'),
+            ('--lambda-u-warmup', args.lambda_u_warmup >= 0, 'at least 0'),
+            ('--workers', (args.workers or 0) >= 0, 'at least 0'),
             *[(f'--{name}-every', getattr(args, f'{name}_every') >= 1, 'at least 1')
               for name in ('eval', 'save', 'log')]]:
         if not ok:
