@@ -42,7 +42,7 @@ LABELED_MIX = (0.20, 0.10, 0.08, 0.08, 0.18, 0.12, 0.12, 0.12)
 SKEWED_MIX = (0.45, 0.04, 0.02, 0.02, 0.30, 0.05, 0.05, 0.07)
 # the splits: images, people, class mix, and the range of the "wildness" each face is drawn at (0: frontal, evenly
 # lit, unoccluded; 1: the strongest pose, framing, shadow, clutter and occlusion)
-SPLITS = dict(train=(320, 16, LABELED_MIX, (0.0, 0.1)),
+SPLITS = dict(train=(320, 4, LABELED_MIX, (0.0, 0.1)),
               val=(800, 80, LABELED_MIX, (0.0, 1.0)),
               unlabeled=(8000, 800, LABELED_MIX, (0.0, 1.0)))
 SKEWED_POOL = (8000, 800, SKEWED_MIX, (0.0, 1.0))
