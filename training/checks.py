@@ -11,7 +11,7 @@ from model import load_file
 # settings a resumed run may change; everything else is restored from the checkpoint
 OPERATIONAL = ('resume', 'out', 'steps', 'workers', 'eval_every', 'save_every', 'log_every', 'compile', 'reindex',
                'in_memory', 'decode_on_device')
-OFF = {'lr_warmup': 0}  # settings whose default is not off: what a checkpoint without them ran
+OFF = {'lr_warmup': 0, 'lambda_u_warmup': 0}  # settings whose default is not off: what a checkpoint without them ran
 
 
 def fail(message):

@@ -18,7 +18,7 @@ def parser(description):
     method.add_argument('--dtm-momentum', type=float, default=0.99, help='m: EMA momentum of the DTM')
     method.add_argument('--dtm-relative', action='store_true', help='T(c) = T_max kappa(c) / max kappa (dtm.py)')
     method.add_argument('--lambda-u', type=float, default=1.0, help='weight of the unlabeled loss')
-    method.add_argument('--lambda-u-warmup', type=int, default=0, help='steps over which the weight of the unlabeled '
+    method.add_argument('--lambda-u-warmup', type=int, default=200, help='steps over which the weight of the unlabeled '
                         'loss ramps up linearly to --lambda-u (0: none)')
     method.add_argument('--mu', type=int, default=3, help='unlabeled images per labeled image')
     run = parser.add_argument_group('run')
